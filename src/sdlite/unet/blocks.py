@@ -1,0 +1,184 @@
+"""Building blocks of the latent-diffusion UNet (openaimodel.py / attention.py of CompVis and Stability-AI).
+
+Attribute names are the original ones (``in_layers``, ``emb_layers``, ``transformer_blocks``, ``to_q`` …) so that
+``state_dict()`` keys are the checkpoint's keys; index gaps inside ``nn.Sequential`` hold parameter-free layers
+exactly where the original has its SiLU or Dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, cosines first as in the original UNet."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=eps)
+
+
+def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a Linear or a 1x1 Conv2d to tokens [B, N, C_in] as one matrix product.
+
+    SD 1.x stores proj_in/proj_out as 1x1 convolutions, SD 2.x/XL as Linear layers; on tokens both are the same
+    product, and doing it on tokens saves two layout changes of the whole feature map.
+    """
+    return F.linear(x, layer.weight.flatten(1), layer.bias)
+
+
+class ResBlock(nn.Module):
+    """Residual block with the timestep embedding added between its two convolutions."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            normalization(out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        )
+        self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        # Upsampling to the size of the skip connection (rather than exactly x2) lets latents that are not a
+        # multiple of the total downsampling factor go through the UNet.
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries from ``x`` over ``context`` (or over ``x`` itself), bias-free q/k/v."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b, n, _ = x.shape
+        # [B, N, heads*d] -> [B, heads, N, d]
+        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
+        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection of "GLU Variants Improve Transformer" (Shazeer 2020): value half times GELU(gate half)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Self-attention, cross-attention over the text context, GEGLU feed-forward; pre-norm residuals."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, heads, head_dim)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, heads, head_dim, context_dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map, conditioned on the text context (LDM, Rombach et al. 2022)."""
+
+    def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, use_linear: bool):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = normalization(channels, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, head_dim, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # [B, C, H, W] -> [B, H*W, C]
+        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        tokens = pointwise(self.proj_in, tokens)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        tokens = pointwise(self.proj_out, tokens)
+        # [B, H*W, C] -> [B, C, H, W]
+        return x + tokens.transpose(1, 2).reshape(b, c, h, w)
+
+
+class TimestepBlock(nn.Sequential):
+    """One entry of input_blocks/middle_block/output_blocks: layers fed the embedding, the context or neither."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
+            else:
+                x = layer(x)
+        return x

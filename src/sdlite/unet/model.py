@@ -1,0 +1,115 @@
+"""The latent-diffusion UNet (openaimodel.UNetModel) for SD 1.x, SD 2.x and SDXL, in the original layout."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, timestep_embedding
+from .config import UNetConfig
+
+
+class UNetModel(nn.Module):
+    """Noise-prediction UNet of "High-Resolution Image Synthesis with Latent Diffusion Models" (Rombach et al. 2022),
+    with SDXL's additional "ADM" vector conditioning (Podell et al. 2023).
+
+    ``state_dict()`` keys equal the checkpoint keys after ``model.diffusion_model.``.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        emb_dim = c.time_embed_dim
+        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if c.adm_in_channels is not None:
+            # Doubly nested as in the original: label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        def transformer(channels: int, depth: int) -> SpatialTransformer:
+            heads, head_dim = c.attention_heads(channels)
+            return SpatialTransformer(channels, heads, head_dim, depth, c.context_dim, c.use_linear_in_transformer)
+
+        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+        skip_channels = [c.model_channels]
+        ch = c.model_channels
+        depths = iter(c.transformer_depth)
+        for level, width in enumerate(c.level_channels):
+            for _ in range(c.num_res_blocks[level]):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, width)]
+                ch = width
+                depth = next(depths)
+                if depth:
+                    layers.append(transformer(ch, depth))
+                self.input_blocks.append(TimestepBlock(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepBlock(Downsample(ch)))
+                skip_channels.append(ch)
+
+        middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
+        if c.transformer_depth_middle > 0:
+            middle.append(transformer(ch, c.transformer_depth_middle))
+        if c.transformer_depth_middle >= 0:
+            middle.append(ResBlock(ch, emb_dim, ch))
+        self.middle_block = TimestepBlock(*middle)
+
+        self.output_blocks = nn.ModuleList()
+        depths = iter(c.transformer_depth_output)
+        for level, width in reversed(list(enumerate(c.level_channels))):
+            for i in range(c.num_res_blocks[level] + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, width)]
+                ch = width
+                depth = next(depths)
+                if depth:
+                    layers.append(transformer(ch, depth))
+                if level and i == c.num_res_blocks[level]:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(TimestepBlock(*layers))
+
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
+                y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Predict from latents ``x`` [B, C, H, W] at ``timesteps`` (scalar or [B], may be fractional).
+
+        ``context`` [B, T, context_dim] is the text conditioning, ``y`` [B, adm_in_channels] SDXL's vector
+        conditioning, and ``control`` ControlNet residuals in input-block order followed by the middle-block one:
+        the last is added to the middle block's output, the others to the skip connections they match.
+        """
+        if (y is None) != (self.config.adm_in_channels is None):
+            raise ValueError("y (the ADM vector) must be given exactly when the UNet has label_emb "
+                             f"(adm_in_channels={self.config.adm_in_channels})")
+        timesteps = torch.as_tensor(timesteps, device=x.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(emb.dtype))
+        controls = list(control) if control is not None else []
+        if controls and len(controls) != len(self.input_blocks) + 1:
+            raise ValueError(f"control has {len(controls)} residuals, this UNet takes {len(self.input_blocks) + 1} "
+                             "(one per input block and one for the middle block)")
+        dtype = self.input_blocks[0][0].weight.dtype
+        if context is not None:
+            context = context.to(dtype)
+
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        if controls:
+            h = h + controls.pop()
+        for block in self.output_blocks:
+            skip = skips.pop()
+            if controls:
+                skip = skip + controls.pop()
+            h = torch.cat([h, skip], dim=1)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
+        return self.out(h).to(x.dtype)
