@@ -1,0 +1,8 @@
+"""The KL autoencoder (VAE) of latent diffusion, in the original `first_stage_model` layout."""
+
+from __future__ import annotations
+
+from sdlite.vae.config import VAEConfig, infer_vae_config
+from sdlite.vae.model import AutoencoderKL, DiagonalGaussian
+
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig", "infer_vae_config"]
