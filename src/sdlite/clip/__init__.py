@@ -1,0 +1,22 @@
+"""CLIP text side of Stable Diffusion: the BPE tokenizer and the CLIP-L / OpenCLIP text encoders in their
+checkpoint layouts (FORMATS.md 1.2-1.4)."""
+
+from __future__ import annotations
+
+from sdlite.clip.config import TextEncoderConfig, infer_clip_config, infer_openclip_config
+from sdlite.clip.model import CLIPTextModel, OpenCLIPTextModel, TextEncoderOutput
+from sdlite.clip.tokenizer import BOS, CONTEXT_LENGTH, EOS, CLIPTokenizer, get_tokenizer
+
+__all__ = [
+    "BOS",
+    "CONTEXT_LENGTH",
+    "EOS",
+    "CLIPTextModel",
+    "CLIPTokenizer",
+    "OpenCLIPTextModel",
+    "TextEncoderConfig",
+    "TextEncoderOutput",
+    "get_tokenizer",
+    "infer_clip_config",
+    "infer_openclip_config",
+]
