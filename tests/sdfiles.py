@@ -107,3 +107,53 @@ def open_clip_penultimate(model: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     for block in model.transformer.resblocks[:-1]:
         x = block(x, attn_mask=model.attn_mask)
     return x
+
+
+# --- full-size layouts of the released models -------------------------------------------------------------------
+
+_SD15 = dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2),
+             transformer_depth=(1, 1, 1, 1, 1, 1, 0, 0), transformer_depth_output=(0, 0, 0) + (1,) * 9,
+             transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False, num_heads=8)
+_XL = dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=(1, 2, 4), num_res_blocks=(2, 2, 2),
+           transformer_depth=(0, 0, 2, 2, 10, 10), transformer_depth_output=(10, 10, 10, 2, 2, 2, 0, 0, 0),
+           transformer_depth_middle=10, context_dim=2048, use_linear_in_transformer=True, head_dim=64,
+           adm_in_channels=2816)
+FULL_UNETS = {
+    "sd15": _SD15,
+    "sd21": dict(_SD15, context_dim=1024, use_linear_in_transformer=True, num_heads=None, head_dim=64),
+    "sdxl": _XL,
+    "sdxl_refiner": dict(_XL, model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2),
+                         transformer_depth=(0, 0, 4, 4, 4, 4, 0, 0),
+                         transformer_depth_output=(0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0), transformer_depth_middle=4,
+                         context_dim=1280, adm_in_channels=2560),
+}
+FULL_VAE = VAEConfig(scale_factor=0.18215)
+
+
+def _meta_shapes(module: torch.nn.Module, prefix: str) -> dict:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def full_key_set(release: str) -> dict[str, tuple[int, ...]]:
+    """Key → shape of a released checkpoint (no data): sdlite's UNet/VAE layouts, the reference libraries'
+    text encoders. ``release``: sd15, sd15-inpaint, sd21, sdxl, sdxl-inpaint, sdxl_refiner."""
+    unet_name, _, variant = release.partition("-")
+    with torch.device("meta"):
+        unet = UNetModel(UNetConfig(**dict(FULL_UNETS[unet_name], in_channels=9 if variant == "inpaint" else 4)))
+        shapes = _meta_shapes(unet, "model.diffusion_model.") | _meta_shapes(AutoencoderKL(FULL_VAE), "first_stage_model.")
+        if unet_name in ("sd15", "sdxl"):
+            clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(  # ViT-L/14
+                hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                max_position_embeddings=77, hidden_act="quick_gelu"))
+            prefix = "cond_stage_model.transformer." if unet_name == "sd15" else "conditioner.embedders.0.transformer."
+            shapes |= {prefix + k: tuple(v.shape) for k, v in clip_state(clip).items()}
+            shapes[prefix + "text_model.embeddings.position_ids"] = (1, 77)
+        towers = {"sd21": ("ViT-H-14", "cond_stage_model.model."), "sdxl": ("ViT-bigG-14", "conditioner.embedders.1.model."),
+                  "sdxl_refiner": ("ViT-bigG-14", "conditioner.embedders.0.model.")}
+        if unet_name in towers:
+            name, prefix = towers[unet_name]
+            cfg = open_clip.get_model_config(name)
+            model = CLIP(embed_dim=cfg["embed_dim"], text_cfg=CLIPTextCfg(**cfg["text_cfg"]),
+                         vision_cfg=CLIPVisionCfg(layers=1, width=64, patch_size=16, image_size=32, head_width=64))
+            shapes |= {prefix + k: tuple(v.shape) for k, v in open_clip_state(model).items()}
+    return shapes

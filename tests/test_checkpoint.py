@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 import sdlite
-from sdlite.checkpoint import open_tensor_file
+from sdlite.checkpoint import TensorFile, open_tensor_file, plan_components
 from sdlite.errors import CheckpointError, ShapeMismatchError, UnsafePickleError
 
-from sdfiles import UNETS, build
+from sdfiles import FULL_UNETS, UNETS, build, full_key_set
 from sdlite.unet import UNetConfig, UNetModel
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner"]
@@ -269,3 +269,31 @@ def test_peak_memory_while_loading_stays_near_model_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(path)], check=True, capture_output=True, text=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert ratio < 1.3, ratio
+
+
+class ShapeOnlyFile(TensorFile):
+    """A checkpoint's key set without data: enough to identify it and plan every component."""
+
+    def __init__(self, shapes: dict):
+        super().__init__("released.safetensors", shapes, {k: torch.float16 for k in shapes}, {}, {})
+
+    def _read(self, key):
+        return torch.zeros(self.shapes[key], dtype=torch.float16)
+
+
+@pytest.mark.parametrize("release, family, widths", [
+    ("sd15", "sd1", [768]), ("sd15-inpaint", "sd1", [768]), ("sd21", "sd2", [1024]),
+    ("sdxl", "sdxl", [768, 1280]), ("sdxl-inpaint", "sdxl", [768, 1280]), ("sdxl_refiner", "sdxl-refiner", [1280]),
+])
+def test_released_key_sets_are_identified_and_planned(release, family, widths):
+    shapes = full_key_set(release)
+    plan = plan_components(ShapeOnlyFile(shapes))
+    assert plan.found.family == family
+    unet, vae, *text = [p.module.config for p in plan.plans]
+    name = release.partition("-")[0]
+    assert unet == UNetConfig(**dict(FULL_UNETS[name], in_channels=9 if release.endswith("inpaint") else 4))
+    assert (vae.ch, vae.ch_mult, vae.num_res_blocks, vae.z_channels) == (128, (1, 2, 4, 4), 2, 4)
+    assert [t.width for t in text] == widths
+    assert [t.layers for t in text] == [{768: 12, 1024: 24, 1280: 32}[w] for w in widths]
+    assert [t.heads for t in text] == [w // 64 for w in widths]
+    assert sum(len(p.sources) for p in plan.plans) + len(plan.set_aside) == len(shapes)

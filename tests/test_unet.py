@@ -12,6 +12,7 @@ from sdlite.unet import UNetConfig, UNetModel, infer_unet_config
 from sdlite.unet.blocks import timestep_embedding
 
 from conftest import randomize_, rel_err
+from sdfiles import FULL_UNETS as FULL
 
 # Reduced versions of the real layouts: same block structure, fewer channels.
 SD1 = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2),
@@ -26,20 +27,6 @@ SDXL = dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2
 # SSD-1B-style distillation: the output side keeps fewer transformer blocks than the input side.
 SDXL_DISTILLED = dict(SDXL, transformer_depth_output=(2, 1, 1, 1, 2, 1, 0, 0, 0), transformer_depth_middle=1)
 INPAINT = dict(SD1, in_channels=9)
-
-# Full-size layouts of the released models.
-FULL = {
-    "sd15": dict(SD1, model_channels=320),
-    "sd21": dict(SD2, model_channels=320, channel_mult=(1, 2, 4, 4), context_dim=1024),
-    "sdxl": dict(SDXL, model_channels=320, channel_mult=(1, 2, 4), transformer_depth=(0, 0, 2, 2, 10, 10),
-                 transformer_depth_output=(10, 10, 10, 2, 2, 2, 0, 0, 0), transformer_depth_middle=10,
-                 context_dim=2048, adm_in_channels=2816),
-    "sdxl_refiner": dict(SDXL, model_channels=384, channel_mult=(1, 2, 4, 4), num_res_blocks=(2, 2, 2, 2),
-                         transformer_depth=(0, 0, 4, 4, 4, 4, 0, 0),
-                         transformer_depth_output=(0, 0, 0, 4, 4, 4, 4, 4, 4, 0, 0, 0), transformer_depth_middle=4,
-                         context_dim=1280, adm_in_channels=2560),
-}
-
 
 def diffusers_config(c: UNetConfig) -> dict:
     """The UNet2DConditionModel config describing the same architecture."""

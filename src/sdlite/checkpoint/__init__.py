@@ -17,9 +17,9 @@ from ..unet import UNetConfig, UNetModel, infer_unet_config
 from ..vae import AutoencoderKL, infer_vae_config
 from .families import SCALE_FACTORS, UNET, VAE, Identified, TextComponent, describe, identify, is_set_aside
 from .files import TensorFile, open_tensor_file
-from .materialize import materialize, plan
+from .materialize import Plan, materialize, plan
 
-__all__ = ["Components", "load_components", "open_tensor_file", "identify", "describe", "TensorFile"]
+__all__ = ["Components", "LoadPlan", "load_components", "plan_components", "open_tensor_file", "identify", "describe", "TensorFile"]
 
 PREDICTIONS = ("eps", "v")
 
@@ -79,31 +79,48 @@ def detect_prediction(tf: TensorFile, family: str, unet: UNetConfig) -> str:
     return "eps"
 
 
-def load_components(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    prediction: str | None = None) -> Components:
+@dataclass
+class LoadPlan:
+    """Everything checked about a file before any weights are read."""
+
+    found: Identified
+    plans: list[Plan]
+    prediction: str
+    set_aside: list[str]
+    unknown: list[str]
+
+
+def plan_components(tf: TensorFile, prediction: str | None = None) -> LoadPlan:
+    """Identify the file, infer every component from shapes and match every key; reads no weights (except the one
+    tensor the v-prediction guess looks at)."""
     if prediction is not None and prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS} or None, not {prediction!r}")
+    try:
+        found = identify(tf)
+        unet_config = infer_unet_config(tf.meta(UNET))
+        vae_config = infer_vae_config(tf.meta(VAE), scale_factor=SCALE_FACTORS[found.family])
+        plans = [plan(tf, lambda: UNetModel(unet_config), UNET, name="UNet"),
+                 plan(tf, lambda: AutoencoderKL(vae_config), VAE, name="VAE")]
+        plans += [_text_plan(tf, comp) for comp in found.text]
+        _check_family(found, unet_config, [p.module.config for p in plans[2:]])
+        prediction = prediction or detect_prediction(tf, found.family, unet_config)
+    except CheckpointError as e:
+        if e.path is None:
+            e.path = str(tf.path)
+        raise
+    loaded = {k for p in plans for k in p.sources.values()}
+    rest = [k for k in tf.keys() if k not in loaded]
+    return LoadPlan(found, plans, prediction, [k for k in rest if is_set_aside(k)],
+                    [k for k in rest if not is_set_aside(k)])
+
+
+def load_components(path: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                    prediction: str | None = None) -> Components:
     with open_tensor_file(path) as tf:
-        try:
-            found = identify(tf)
-            unet_config = infer_unet_config(tf.meta(UNET))
-            plans = [plan(tf, lambda: UNetModel(unet_config), UNET, name="UNet"),
-                     plan(tf, lambda: AutoencoderKL(infer_vae_config(tf.meta(VAE), scale_factor=SCALE_FACTORS[found.family])),
-                          VAE, name="VAE")]
-            plans += [_text_plan(tf, comp) for comp in found.text]
-            _check_family(found, unet_config, [p.module.config for p in plans[2:]])
-            guessed = detect_prediction(tf, found.family, unet_config)
-        except CheckpointError as e:
-            if e.path is None:
-                e.path = str(path)
-            raise
-        loaded = {k for p in plans for k in p.sources.values()}
-        rest = [k for k in tf.keys() if k not in loaded]
-        set_aside = [k for k in rest if is_set_aside(k)]
-        unknown = [k for k in rest if not is_set_aside(k)]
-        if unknown:
-            warnings.warn(f"{path}: {len(unknown)} keys belong to no component sdlite knows and were not loaded: "
-                          f"{', '.join(sorted(unknown)[:8])}{' …' if len(unknown) > 8 else ''}", stacklevel=3)
-        modules = [materialize(tf, p, dtype, device) for p in plans]
-    return Components(path=str(path), family=found.family, prediction=prediction or guessed, unet=modules[0],
-                      vae=modules[1], text_encoders=modules[2:], set_aside=set_aside, unknown=unknown)
+        p = plan_components(tf, prediction)
+        if p.unknown:
+            warnings.warn(f"{path}: {len(p.unknown)} keys belong to no component sdlite knows and were not loaded: "
+                          f"{', '.join(sorted(p.unknown)[:8])}{' …' if len(p.unknown) > 8 else ''}", stacklevel=3)
+        modules = [materialize(tf, each, dtype, device) for each in p.plans]
+    return Components(path=str(path), family=p.found.family, prediction=p.prediction, unet=modules[0],
+                      vae=modules[1], text_encoders=modules[2:], set_aside=p.set_aside, unknown=p.unknown)
