@@ -47,7 +47,7 @@ class _TextTransformer(nn.Module):
 
     config: TextEncoderConfig
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
     def _blocks(self) -> nn.ModuleList:
@@ -66,6 +66,7 @@ class _TextTransformer(nn.Module):
         layer: int = -1,
         final_norm: bool = True,
         pooled: bool = False,
+        token_embeds: torch.Tensor | None = None,
     ) -> TextEncoderOutput:
         """Encode token ids [B, T] (T <= context_length).
 
@@ -73,6 +74,8 @@ class _TextTransformer(nn.Module):
         penultimate ("clip skip 2"). ``final_norm`` applies the final LayerNorm to that output. Layers after
         ``layer`` run only when ``pooled`` is asked for, which is always taken from the last layer at the end-of-text
         position (the largest id in each row, since ``<|endoftext|>`` = 49407 is the last vocabulary entry).
+        ``token_embeds`` [B, T, width], when given, stands in for the token-embedding lookup of ``input_ids``
+        (position embeddings are still added): textual-inversion vectors are written into it.
         """
         blocks = self._blocks()
         n = len(blocks)
@@ -83,7 +86,7 @@ class _TextTransformer(nn.Module):
                 f"input_ids must be [batch, <= {self.config.context_length}], got {list(input_ids.shape)}"
             )
         index = layer % n
-        x = self._embed(input_ids)
+        x = self._embed(input_ids, token_embeds)
         for block in blocks[: index + 1]:
             x = block(x)
         hidden = x
@@ -153,10 +156,11 @@ class CLIPEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.context_length, config.width)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None = None) -> torch.Tensor:
         # Positions come from arange rather than the files' position_ids buffer, so no buffer needs loading.
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPTextTransformer(nn.Module):
@@ -183,8 +187,8 @@ class CLIPTextModel(_TextTransformer):
         self.config = config
         self.text_model = CLIPTextTransformer(config)
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model.embeddings(input_ids)
+    def _embed(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None) -> torch.Tensor:
+        return self.text_model.embeddings(input_ids, token_embeds)
 
     def _blocks(self) -> nn.ModuleList:
         return self.text_model.encoder.layers
@@ -270,8 +274,9 @@ class OpenCLIPTextModel(_TextTransformer):
         # Only the contrastive loss uses logit_scale; it is kept so that loading the file's keys stays strict.
         self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.token_embedding(input_ids) + self.positional_embedding[: input_ids.shape[1]]
+    def _embed(self, input_ids: torch.Tensor, token_embeds: torch.Tensor | None) -> torch.Tensor:
+        tokens = self.token_embedding(input_ids) if token_embeds is None else token_embeds
+        return tokens + self.positional_embedding[: input_ids.shape[1]]
 
     def _blocks(self) -> nn.ModuleList:
         return self.transformer.resblocks
