@@ -1,7 +1,8 @@
 """UNet architecture, read from the tensor shapes of an original (ldm/sgm layout) checkpoint.
 
 One frozen config describes SD 1.x, SD 2.x, SDXL base and refiner, their inpainting variants and the reduced
-(distilled) variants of these layouts: the per-block lists below are exactly what differs between them.
+(distilled) variants of these layouts: the per-block lists below are exactly what differs between them. The input
+side and middle block form their own config because a ControlNet is a copy of exactly that part.
 """
 
 from __future__ import annotations
@@ -14,22 +15,20 @@ from ..errors import CheckpointError
 
 
 @dataclass(frozen=True, kw_only=True)
-class UNetConfig:
-    """The openaimodel.UNetModel hyper-parameters that shape the weights.
+class UNetEncoderConfig:
+    """The input blocks and middle block of openaimodel.UNetModel: the part a UNet and its ControlNet share.
 
-    ``transformer_depth`` has one entry per input res block (level-major), ``transformer_depth_output`` one per
-    output res block; 0 means "no SpatialTransformer in that block". ``transformer_depth_middle`` is -1 when the
-    middle block is a single res block, 0 for two res blocks and >0 for res, transformer, res.
+    ``transformer_depth`` has one entry per input res block (level-major); 0 means "no SpatialTransformer in that
+    block". ``transformer_depth_middle`` is -1 when the middle block is a single res block, 0 for two res blocks and
+    >0 for res, transformer, res.
     Attention heads come either as a fixed count (``num_heads``, SD 1.x) or a fixed width (``head_dim``, SD 2.x/XL).
     """
 
     in_channels: int
-    out_channels: int
     model_channels: int
     channel_mult: tuple[int, ...]
     num_res_blocks: tuple[int, ...]
     transformer_depth: tuple[int, ...]
-    transformer_depth_output: tuple[int, ...]
     transformer_depth_middle: int
     context_dim: int | None
     use_linear_in_transformer: bool
@@ -43,12 +42,9 @@ class UNetConfig:
             raise ValueError(f"num_res_blocks {self.num_res_blocks} needs one entry per level {self.channel_mult}")
         if len(self.transformer_depth) != sum(self.num_res_blocks):
             raise ValueError(f"transformer_depth {self.transformer_depth} needs one entry per input res block")
-        if len(self.transformer_depth_output) != sum(n + 1 for n in self.num_res_blocks):
-            raise ValueError(f"transformer_depth_output {self.transformer_depth_output} needs one entry per output block")
         if (self.num_heads is None) == (self.head_dim is None):
             raise ValueError("give exactly one of num_heads and head_dim")
-        uses_attention = any(self.transformer_depth) or any(self.transformer_depth_output) or self.transformer_depth_middle > 0
-        if uses_attention and self.context_dim is None:
+        if self._uses_attention() and self.context_dim is None:
             raise ValueError("a UNet with transformer blocks needs context_dim")
         for width in self.level_channels:
             if width % 32:
@@ -56,6 +52,9 @@ class UNetConfig:
             heads, dim = self.attention_heads(width)
             if heads * dim != width:
                 raise ValueError(f"level width {width} cannot be split into heads (num_heads={self.num_heads}, head_dim={self.head_dim})")
+
+    def _uses_attention(self) -> bool:
+        return any(self.transformer_depth) or self.transformer_depth_middle > 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -72,15 +71,34 @@ class UNetConfig:
         return channels // self.head_dim, self.head_dim
 
 
+@dataclass(frozen=True, kw_only=True)
+class UNetConfig(UNetEncoderConfig):
+    """The openaimodel.UNetModel hyper-parameters that shape the weights: the encoder's, plus the output side.
+
+    ``transformer_depth_output`` has one entry per output res block; 0 means "no SpatialTransformer in that block".
+    """
+
+    out_channels: int
+    transformer_depth_output: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.transformer_depth_output) != sum(n + 1 for n in self.num_res_blocks):
+            raise ValueError(f"transformer_depth_output {self.transformer_depth_output} needs one entry per output block")
+        super().__post_init__()
+
+    def _uses_attention(self) -> bool:
+        return super()._uses_attention() or any(self.transformer_depth_output)
+
+
 _BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
 
 
-def _shape(sd: Mapping, key: str, ndim: int | None = None) -> tuple[int, ...]:
+def _shape(sd: Mapping, key: str, ndim: int | None = None, what: str = "UNet") -> tuple[int, ...]:
     if key not in sd:
-        raise CheckpointError(None, f"UNet key {key!r} is missing")
+        raise CheckpointError(None, f"{what} key {key!r} is missing")
     shape = tuple(sd[key].shape)
     if ndim is not None and len(shape) != ndim:
-        raise CheckpointError(None, f"UNet tensor {key!r} has shape {list(shape)}, expected a {ndim}-d tensor")
+        raise CheckpointError(None, f"{what} tensor {key!r} has shape {list(shape)}, expected a {ndim}-d tensor")
     return shape
 
 
@@ -92,82 +110,95 @@ def _depth(keys: set[str], block: str) -> int:
     return depth
 
 
-def infer_unet_config(sd: Mapping) -> UNetConfig:
-    """Read a UNetConfig from a state dict whose ``model.diffusion_model.`` prefix was removed.
+def _block_count(keys: set[str], name: str) -> int:
+    return max((int(m[2]) + 1 for m in map(_BLOCK.match, keys) if m and m[1] == name), default=0)
 
-    Only shapes are read. Heads follow the original configs: 8 heads when the cross-attention context is 768
-    wide (SD 1.x), else 64 channels per head (SD 2.x, SDXL, refiner).
+
+def _attention(sd: Mapping, block: str, what: str) -> tuple[int, bool]:
+    """(context_dim, use_linear_in_transformer) of the SpatialTransformer at ``block``."""
+    context_dim = _shape(sd, f"{block}.transformer_blocks.0.attn2.to_k.weight", 2, what)[1]
+    return context_dim, len(_shape(sd, f"{block}.proj_in.weight", what=what)) == 2
+
+
+def read_encoder_fields(sd: Mapping, what: str = "UNet") -> dict:
+    """The UNetEncoderConfig fields (heads aside) read from the shapes of ``input_blocks.*``, ``middle_block.*``,
+    ``time_embed`` and ``label_emb``; ``what`` names the model in error messages.
+
+    ``context_dim`` is None when no input or middle block has a transformer (a UNet may still find one on its
+    output side); pass the completed fields to ``config_from_fields``.
     """
     keys = set(sd)
-    model_channels, in_channels = _shape(sd, "input_blocks.0.0.weight", 4)[:2]
-    out_channels = _shape(sd, "out.2.weight", 4)[0]
-    counts = {"input_blocks": 0, "output_blocks": 0}
-    for key in keys:
-        m = _BLOCK.match(key)
-        if m:
-            counts[m[1]] = max(counts[m[1]], int(m[2]) + 1)
-
+    model_channels, in_channels = _shape(sd, "input_blocks.0.0.weight", 4, what)[:2]
     channel_mult: list[int] = []
     num_res_blocks: list[int] = []
     depth_in: list[int] = []
-    context_dim = None
-    use_linear = False
+    attention: tuple[int, bool] | None = None
     res_in_level = 0
-    for i in range(1, counts["input_blocks"]):
+    for i in range(1, _block_count(keys, "input_blocks")):
         if f"input_blocks.{i}.0.op.weight" in keys:
             if res_in_level == 0:
-                raise CheckpointError(None, f"UNet input block {i} downsamples a level that has no res block")
+                raise CheckpointError(None, f"{what} input block {i} downsamples a level that has no res block")
             num_res_blocks.append(res_in_level)
             res_in_level = 0
             continue
-        width = _shape(sd, f"input_blocks.{i}.0.out_layers.3.weight", 4)[0]
+        width = _shape(sd, f"input_blocks.{i}.0.out_layers.3.weight", 4, what)[0]
         if width % model_channels:
-            raise CheckpointError(None, f"UNet input block {i} is {width} wide, not a multiple of {model_channels}")
+            raise CheckpointError(None, f"{what} input block {i} is {width} wide, not a multiple of {model_channels}")
         if res_in_level == 0:
             channel_mult.append(width // model_channels)
         elif width != model_channels * channel_mult[-1]:
-            raise CheckpointError(None, f"UNet input block {i} is {width} wide inside a level of width "
+            raise CheckpointError(None, f"{what} input block {i} is {width} wide inside a level of width "
                                         f"{model_channels * channel_mult[-1]}")
         res_in_level += 1
         depth = _depth(keys, f"input_blocks.{i}.1")
         depth_in.append(depth)
-        if depth and context_dim is None:
-            context_dim = _shape(sd, f"input_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight", 2)[1]
-            use_linear = len(_shape(sd, f"input_blocks.{i}.1.proj_in.weight")) == 2
+        if depth and attention is None:
+            attention = _attention(sd, f"input_blocks.{i}.1", what)
     if res_in_level == 0:
-        raise CheckpointError(None, "UNet has no res block in its last level (input_blocks end with a downsample)")
+        raise CheckpointError(None, f"{what} has no res block in its last level (input_blocks end with a downsample)")
     num_res_blocks.append(res_in_level)
 
-    expected_out = sum(n + 1 for n in num_res_blocks)
-    if counts["output_blocks"] != expected_out:
-        raise CheckpointError(None, f"UNet has {counts['output_blocks']} output blocks, expected {expected_out} "
-                                    f"for {num_res_blocks} res blocks per level")
+    if "middle_block.0.in_layers.0.weight" not in keys:
+        raise CheckpointError(None, f"{what} key 'middle_block.0.in_layers.0.weight' is missing")
+    middle = _depth(keys, "middle_block.1")
+    if middle and attention is None:
+        attention = _attention(sd, "middle_block.1", what)
+    if not middle:
+        middle = 0 if "middle_block.1.in_layers.0.weight" in keys else -1
+
+    context_dim, use_linear = attention or (None, False)
+    adm = _shape(sd, "label_emb.0.0.weight", 2, what)[1] if "label_emb.0.0.weight" in keys else None
+    return dict(in_channels=in_channels, model_channels=model_channels, channel_mult=tuple(channel_mult),
+                num_res_blocks=tuple(num_res_blocks), transformer_depth=tuple(depth_in),
+                transformer_depth_middle=middle, context_dim=context_dim, use_linear_in_transformer=use_linear,
+                adm_in_channels=adm)
+
+
+def config_from_fields(cls: type, fields: dict, what: str = "UNet"):
+    """Build ``cls`` from inferred fields. Heads follow the original configs: 8 heads when the cross-attention
+    context is 768 wide (SD 1.x), else 64 channels per head (SD 2.x, SDXL, refiner)."""
+    heads = {"num_heads": 8} if fields["context_dim"] == 768 else {"head_dim": 64}
+    try:
+        return cls(**fields, **heads)
+    except ValueError as e:
+        raise CheckpointError(None, f"{what} shapes do not form a valid architecture: {e}") from None
+
+
+def infer_unet_config(sd: Mapping) -> UNetConfig:
+    """Read a UNetConfig from a state dict whose ``model.diffusion_model.`` prefix was removed; only shapes are read."""
+    fields = read_encoder_fields(sd)
+    keys = set(sd)
+    fields["out_channels"] = _shape(sd, "out.2.weight", 4)[0]
+    expected_out = sum(n + 1 for n in fields["num_res_blocks"])
+    found_out = _block_count(keys, "output_blocks")
+    if found_out != expected_out:
+        raise CheckpointError(None, f"UNet has {found_out} output blocks, expected {expected_out} "
+                                    f"for {list(fields['num_res_blocks'])} res blocks per level")
     depth_out = []
     for i in range(expected_out):
         depth = _depth(keys, f"output_blocks.{i}.1")
         depth_out.append(depth)
-        if depth and context_dim is None:
-            context_dim = _shape(sd, f"output_blocks.{i}.1.transformer_blocks.0.attn2.to_k.weight", 2)[1]
-            use_linear = len(_shape(sd, f"output_blocks.{i}.1.proj_in.weight")) == 2
-
-    if "middle_block.0.in_layers.0.weight" not in keys:
-        raise CheckpointError(None, "UNet key 'middle_block.0.in_layers.0.weight' is missing")
-    middle = _depth(keys, "middle_block.1")
-    if middle and context_dim is None:
-        context_dim = _shape(sd, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", 2)[1]
-        use_linear = len(_shape(sd, "middle_block.1.proj_in.weight")) == 2
-    if not middle:
-        middle = 0 if "middle_block.1.in_layers.0.weight" in keys else -1
-
-    adm = _shape(sd, "label_emb.0.0.weight", 2)[1] if "label_emb.0.0.weight" in keys else None
-    heads = {"num_heads": 8} if context_dim == 768 else {"head_dim": 64}
-    try:
-        return UNetConfig(
-            in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
-            channel_mult=tuple(channel_mult), num_res_blocks=tuple(num_res_blocks),
-            transformer_depth=tuple(depth_in), transformer_depth_output=tuple(depth_out),
-            transformer_depth_middle=middle, context_dim=context_dim, use_linear_in_transformer=use_linear,
-            adm_in_channels=adm, **heads,
-        )
-    except ValueError as e:
-        raise CheckpointError(None, f"UNet shapes do not form a valid architecture: {e}") from None
+        if depth and fields["context_dim"] is None:
+            fields["context_dim"], fields["use_linear_in_transformer"] = _attention(sd, f"output_blocks.{i}.1", "UNet")
+    fields["transformer_depth_output"] = tuple(depth_out)
+    return config_from_fields(UNetConfig, fields)
