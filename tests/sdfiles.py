@@ -31,7 +31,7 @@ UNETS = {
     "sdxl-refiner": dict(_UNET_BASE, transformer_depth=(0, 1), transformer_depth_output=(1, 1, 0, 0),
                          context_dim=128, use_linear_in_transformer=True, adm_in_channels=128 + 5 * 256),
 }
-VAE = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, scale_factor=0.18215)
+VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, scale_factor=0.18215)  # 8x, as released
 
 
 def clip_l(width: int = 128, seed: int = 0) -> transformers.CLIPTextModel:

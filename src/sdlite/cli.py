@@ -1,0 +1,187 @@
+"""The ``sdlite`` command: txt2img, img2img, inpaint, and ``info`` on any file.
+
+    sdlite txt2img model.safetensors "a cat drinking a pint of beer" --steps 20 --seed 1 -o cat.png
+    sdlite txt2img model.safetensors --from-png cat.png -o again.png      # the settings stored in a PNG
+    sdlite info model.safetensors                                          # what a checkpoint/LoRA/embedding/PNG is
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from PIL import Image, PngImagePlugin
+
+
+class ProgressBar:
+    """One line on stderr: step, it/s and ETA, redrawn at each sampler step."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width = stream, width
+
+    def __call__(self, info: dict) -> None:
+        done, total = info["i"] + 1, info["total"]
+        elapsed = max(info["elapsed"], 1e-9)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else 0.0
+        filled = int(self.width * done / total)
+        bar = "#" * filled + "-" * (self.width - filled)
+        stream = self.stream or sys.stderr
+        stream.write(f"\r[{bar}] {done}/{total} {rate:5.2f} it/s ETA {eta:5.1f}s")
+        if done >= total:
+            stream.write("\n")
+        stream.flush()
+
+
+# Infotext keys → Job options, for --from-png.
+_FROM_INFOTEXT = {"Steps": ("steps", int), "Sampler": ("sampler", str), "Schedule type": ("scheduler", str),
+                  "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Size-1": ("width", int),
+                  "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "ENSD": ("eta_noise_seed_delta", int),
+                  "RNG": ("rng", str), "Variation seed": ("subseed", int),
+                  "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("strength", float),
+                  "Mask blur": ("mask_blur", int)}
+
+
+def options_from_png(path: str) -> tuple[str, dict]:
+    """Prompt and options found in a PNG's A1111 infotext."""
+    from .infotext import read_infotext
+
+    params = read_infotext(path)
+    options = {"negative_prompt": params.get("Negative prompt", "")}
+    for key, (name, cast) in _FROM_INFOTEXT.items():
+        if key in params:
+            options[name] = cast(params[key])
+    if "Seed resize from-1" in params:
+        options["seed_resize_from"] = (int(params["Seed resize from-1"]), int(params["Seed resize from-2"]))
+    if "Hires upscaler" in params:
+        hires = {"upscaler": params["Hires upscaler"], "denoising_strength": options.pop("strength", 0.7)}
+        if "Hires upscale" in params:
+            hires["scale"] = float(params["Hires upscale"])
+        if params.get("Hires resize-1"):
+            hires["width"], hires["height"] = int(params["Hires resize-1"]), int(params["Hires resize-2"])
+        if "Hires steps" in params:
+            hires["steps"] = int(params["Hires steps"])
+        options["hires"] = hires
+    if options.get("rng") not in (None, "CPU", "GPU", "NV"):
+        del options["rng"]
+    return params.get("Prompt", ""), options
+
+
+def save_png(image: Image.Image, infotext: str, path: str) -> None:
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", infotext)
+    image.save(path, pnginfo=meta)
+
+
+def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> None:
+    p.add_argument("model", help="checkpoint file (.safetensors or .ckpt)")
+    if image:
+        p.add_argument("image", help="input image")
+    if mask:
+        p.add_argument("mask", help="mask image: white = regenerate")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("-n", "--negative-prompt", default=None)
+    p.add_argument("--from-png", help="take prompt and settings from this PNG's infotext (explicit flags win)")
+    p.add_argument("-o", "--output", default="out.png", help="output PNG; a batch gets -1, -2 … suffixes")
+    for name, kind in (("width", int), ("height", int), ("steps", int), ("cfg-scale", float), ("seed", int),
+                       ("batch-size", int), ("clip-skip", int), ("subseed", int), ("subseed-strength", float),
+                       ("eta-noise-seed-delta", int)):
+        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--sampler", default=None, help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
+    p.add_argument("--scheduler", default=None, help='"Automatic", "Karras", "Exponential", …')
+    p.add_argument("--rng", choices=["CPU", "GPU", "NV"], default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--prediction", choices=["eps", "v"], default=None)
+    p.add_argument("--hires-scale", type=float, default=None, help="enable hires fix with this upscale factor")
+    p.add_argument("--hires-steps", type=int, default=None)
+    p.add_argument("--hires-upscaler", default=None)
+    p.add_argument("--hires-strength", type=float, default=None)
+    if image:
+        p.add_argument("--strength", type=float, default=None, help="denoising strength")
+    if mask:
+        p.add_argument("--mask-blur", type=int, default=None)
+        p.add_argument("--invert-mask", action="store_true")
+        p.add_argument("--inpaint-fill", choices=["original", "fill", "latent noise", "latent nothing"], default=None)
+        p.add_argument("--only-masked", action="store_true")
+
+
+def _options(args: argparse.Namespace) -> tuple[str, dict]:
+    prompt, options = options_from_png(args.from_png) if args.from_png else ("", {})
+    if args.prompt is not None:
+        prompt = args.prompt
+    if args.negative_prompt is not None:
+        options["negative_prompt"] = args.negative_prompt
+    for name in ("width", "height", "steps", "cfg_scale", "seed", "batch_size", "clip_skip", "subseed",
+                 "subseed_strength", "eta_noise_seed_delta", "sampler", "scheduler", "rng", "strength", "mask_blur",
+                 "inpaint_fill"):
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    for flag in ("invert_mask", "only_masked"):
+        if getattr(args, flag, False):
+            options[flag] = True
+    if args.hires_scale is not None or "hires" in options:
+        hires = dict(options.get("hires", {}))
+        for key, value in (("scale", args.hires_scale), ("steps", args.hires_steps),
+                           ("upscaler", args.hires_upscaler), ("denoising_strength", args.hires_strength)):
+            if value is not None:
+                hires[key] = value
+        options["hires"] = hires
+    return prompt, options
+
+
+def run_generation(args: argparse.Namespace) -> int:
+    import torch
+
+    import sdlite
+
+    prompt, options = _options(args)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = sdlite.load(args.model, device=args.device, dtype=dtype, prediction=args.prediction)
+    options["callback"] = ProgressBar()
+    negative = options.pop("negative_prompt", "")
+    start = time.perf_counter()
+    if args.command == "txt2img":
+        options.pop("strength", None)
+        result = pipe.txt2img(prompt, negative, **options)
+    elif args.command == "img2img":
+        result = pipe.img2img(Image.open(args.image), prompt, negative, **options)
+    else:
+        result = pipe.inpaint(Image.open(args.image), Image.open(args.mask), prompt, negative, **options)
+    for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
+        path = args.output if len(result.images) == 1 else args.output.replace(".png", f"-{i + 1}.png")
+        save_png(image, info, path)
+        print(f"{path}  seed {result.seeds[i]}")
+    print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from .info import describe_file
+
+    print(describe_file(args.file))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sdlite", description="Stable Diffusion from original checkpoint files")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generation_args(sub.add_parser("txt2img", help="text to image"), image=False, mask=False)
+    _generation_args(sub.add_parser("img2img", help="image to image"), image=True, mask=False)
+    _generation_args(sub.add_parser("inpaint", help="regenerate the masked part of an image"), image=True, mask=True)
+    info = sub.add_parser("info", help="what a checkpoint, LoRA, embedding or PNG is")
+    info.add_argument("file")
+    args = parser.parse_args(argv)
+    from .errors import SdliteError
+
+    try:
+        return run_info(args) if args.command == "info" else run_generation(args)
+    except (SdliteError, ValueError, TypeError, FileNotFoundError) as e:
+        print(f"sdlite: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

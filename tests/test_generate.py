@@ -1,0 +1,232 @@
+"""The generation core against the same pipeline assembled by hand from k-diffusion's samplers, the reference text
+encoder and A1111's seed rules; img2img/inpaint pixel guarantees; input checks; the CLI round trip."""
+
+from __future__ import annotations
+
+import k_diffusion.external as kext
+import k_diffusion.sampling as ks
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sdlite
+from sdlite.cli import main as cli_main
+from sdlite.infotext import read_infotext
+
+from conftest import rel_err
+from sdfiles import build, open_clip_tokens
+
+
+class LDMModel(torch.nn.Module):
+    """What k-diffusion's CompVisDenoiser wraps: the LDM schedule (float64 betas, float32 alphas_cumprod) and
+    apply_model(x, t, cond)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
+
+    def apply_model(self, x, t, cond):
+        return self.unet(x, t, cond)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    b = build("sd1", seed=7)
+    path = tmp_path_factory.mktemp("sd1") / "tiny-sd1.safetensors"
+    save_file(b.state, str(path))
+    return sdlite.load(path), b, path
+
+
+def by_hand(pipe, b, prompt, negative, seeds, steps, cfg, sampler, karras=False, width=64, height=64):
+    """txt2img as A1111 composes it, from k-diffusion and the reference text encoder."""
+    tokens = open_clip_tokens([prompt, negative])
+    tokens[tokens == 0] = 49407
+    with torch.no_grad():
+        ctx = b.clip(tokens).last_hidden_state
+    n = len(seeds)
+    cond, uncond = ctx[:1].expand(n, -1, -1), ctx[1:].expand(n, -1, -1)
+    wrapped = kext.CompVisDenoiser(LDMModel(pipe.unet))
+    if karras:
+        sigmas = ks.get_sigmas_karras(steps, wrapped.sigmas[0].item(), wrapped.sigmas[-1].item(), rho=7.0)
+    else:
+        sigmas = wrapped.get_sigmas(steps)
+    shape = (4, height // 8, width // 8)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    x = torch.stack([torch.randn(shape, generator=g) for g in generators]) * sigmas[0]
+
+    def model(x, sigma, **_):
+        out = wrapped(torch.cat([x, x]), torch.cat([sigma, sigma]), cond=torch.cat([cond, uncond]))
+        c, u = out.chunk(2)
+        return u + (c - u) * cfg
+
+    noise_sampler = lambda s, sn: torch.stack([torch.randn(shape, generator=g) for g in generators])  # noqa: E731
+    with torch.no_grad():
+        if sampler is ks.sample_euler_ancestral:
+            return sampler(model, x, sigmas, disable=True, noise_sampler=noise_sampler)
+        return sampler(model, x, sigmas, disable=True)
+
+
+@pytest.mark.parametrize("name, fn, karras", [("Euler", ks.sample_euler, False),
+                                              ("Euler a", ks.sample_euler_ancestral, False),
+                                              ("DPM++ 2M Karras", ks.sample_dpmpp_2m, True)])
+def test_txt2img_matches_k_diffusion_by_hand(sd1, name, fn, karras):
+    pipe, b, _ = sd1
+    result = pipe.txt2img("a cat drinking a pint of beer", "blurry", width=64, height=64, steps=6, cfg_scale=5.0,
+                          sampler=name, seed=1234, batch_size=2)
+    expected = by_hand(pipe, b, "a cat drinking a pint of beer", "blurry", [1234, 1235], 6, 5.0, fn, karras)
+    assert result.seeds == [1234, 1235]
+    assert rel_err(result.latents, expected) < 1e-4
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+
+
+def test_same_seed_same_image_and_random_seed_reported(sd1):
+    pipe = sd1[0]
+    a = pipe.txt2img("x", width=64, height=64, steps=3, seed=5)
+    b = pipe.txt2img("x", width=64, height=64, steps=3, seed=5)
+    assert torch.equal(a.latents, b.latents)
+    r = pipe.txt2img("x", width=64, height=64, steps=2, seed=-1)
+    assert 0 <= r.seeds[0] < 2**32 and f"Seed: {r.seeds[0]}," in r.infotexts[0]
+
+
+def test_img2img_step_accounting(sd1):
+    pipe = sd1[0]
+    calls = []
+    pipe.img2img(Image.new("RGB", (64, 64), (200, 30, 30)), "red", strength=0.5, steps=10, width=64, height=64,
+                 seed=1, sampler="Euler", callback=calls.append)
+    assert len(calls) == int(0.5 * 10) + 1  # A1111: int(min(strength, 0.999) * steps) + 1 steps
+
+
+def test_inpaint_keeps_unmasked_pixels(sd1):
+    pipe = sd1[0]
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    for fill in ("original", "fill", "latent noise", "latent nothing"):
+        out = pipe.inpaint(image, mask, "a hole", strength=0.8, steps=4, width=64, height=64, seed=3, mask_blur=0,
+                           inpaint_fill=fill).images[0]
+        got, want = np.asarray(out), np.asarray(image)
+        keep = np.asarray(mask) == 0
+        assert np.array_equal(got[keep], want[keep]), fill
+        assert not np.array_equal(got[~keep], want[~keep]), fill
+
+
+def test_inpaint_only_masked_pastes_back(sd1):
+    pipe = sd1[0]
+    image = Image.new("RGB", (96, 64), (10, 120, 200))
+    mask = Image.new("L", (96, 64), 0)
+    mask.paste(255, (60, 20, 76, 36))
+    out = pipe.inpaint(image, mask, "x", steps=3, width=64, height=64, seed=3, mask_blur=0, only_masked=True,
+                       only_masked_padding=8).images[0]
+    assert out.size == (96, 64)
+    keep = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(out)[keep], np.asarray(image)[keep])
+
+
+def test_hires_fix_runs_its_own_steps(sd1):
+    pipe = sd1[0]
+    calls = []
+    r = pipe.txt2img("x", width=64, height=64, steps=4, seed=2, sampler="Euler",
+                     hires=dict(scale=1.5, steps=3, denoising_strength=0.5), callback=calls.append)
+    assert r.images[0].size == (96, 96)
+    assert len(calls) == 4 + 3
+    assert "Hires upscale: 1.5" in r.infotexts[0] and "Hires steps: 3" in r.infotexts[0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(width=65), "multiples of 8"), (dict(batch_size=0), "batch_size"), (dict(sampler="Euler z"), "Euler a"),
+    (dict(scheduler="Karrass"), "Karras"), (dict(rng="TPU"), "CPU"), (dict(cfg=7), "unknown option"),
+])
+def test_bad_input_is_refused_before_any_model_work(sd1, kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        sd1[0].txt2img("x", **dict(dict(width=64, height=64, steps=2), **kwargs))
+
+
+def test_bad_img2img_input(sd1):
+    pipe = sd1[0]
+    with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        pipe.img2img(Image.new("RGB", (64, 64)), "x", strength=1.5, width=64, height=64)
+    with pytest.raises(ValueError, match="mask is 32x32 but the image is 64x64"):
+        pipe.inpaint(Image.new("RGB", (64, 64)), Image.new("L", (32, 32)), "x", width=64, height=64)
+
+
+def test_cli_writes_infotext_and_from_png_reproduces_bit_for_bit(sd1, tmp_path, capsys):
+    path = sd1[2]
+    first, again = tmp_path / "a.png", tmp_path / "b.png"
+    assert cli_main(["txt2img", str(path), "a red, round thing", "-n", "blurry", "--width", "64", "--height", "64",
+                     "--steps", "3", "--seed", "77", "--sampler", "DPM++ 2M Karras", "-o", str(first)]) == 0
+    params = read_infotext(first)
+    assert params["Prompt"] == "a red, round thing" and params["Negative prompt"] == "blurry"
+    assert params["Seed"] == "77" and params["Sampler"] == "DPM++ 2M Karras" and params["Size"] == "64x64"
+    assert params["Model"] == "tiny-sd1" and len(params["Model hash"]) == 10
+    assert cli_main(["txt2img", str(path), "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert "it/s" in capsys.readouterr().err
+
+
+def test_cli_info(sd1, capsys):
+    assert cli_main(["info", str(sd1[2])]) == 0
+    assert "family sd1" in capsys.readouterr().out
+
+
+def test_txt2img_with_controlnet(sd1):
+    from sdlite.adapters.controlnet import create_from_unet
+
+    from conftest import randomize_
+
+    pipe = sd1[0]
+    args = dict(width=64, height=64, steps=3, seed=4, sampler="Euler")
+    hint = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    plain = pipe.txt2img("x", **args).latents
+    net = create_from_unet(pipe.unet)
+    assert torch.equal(pipe.txt2img("x", controlnets=[sdlite.ControlUnit(net, hint)], **args).latents, plain)
+    randomize_(net, 5)
+    controlled = pipe.txt2img("x", controlnets=[sdlite.ControlUnit(net, hint, weight=0.5)], **args).latents
+    assert rel_err(controlled, plain) > 1e-3
+    idle = pipe.txt2img("x", controlnets=[sdlite.ControlUnit(net, hint, start=0.9, end=1.0)], **args).latents
+    assert torch.equal(idle, plain)  # progress 0, 1/3, 2/3: never inside [0.9, 1]
+    guess = pipe.txt2img("x", controlnets=[sdlite.ControlUnit(net, hint, guess_mode=True)], **args).latents
+    assert rel_err(guess, controlled) > 1e-4
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("xl")
+    save_file(build("sdxl", seed=11).state, str(folder / "base.safetensors"))
+    save_file(build("sdxl-refiner", seed=12).state, str(folder / "refiner.safetensors"))
+    return sdlite.load(folder / "base.safetensors"), sdlite.load(folder / "refiner.safetensors")
+
+
+def test_sdxl_refiner_takes_over_the_last_part_of_the_schedule(sdxl_pair):
+    base, refiner = sdxl_pair
+    calls = {"base": 0, "refiner": 0}
+    hooks = [m.unet.register_forward_hook(lambda *_, k=k: calls.__setitem__(k, calls[k] + 1))
+             for k, m in (("base", base), ("refiner", refiner))]
+    try:
+        out = base.txt2img("a castle", width=64, height=64, steps=4, sampler="Euler", seed=1, refiner=refiner,
+                           refiner_switch_at=0.5)
+    finally:
+        for h in hooks:
+            h.remove()
+    # Model calls 0-2 have completed 0, 1/4, 2/4 of the schedule (not past 0.5): base; call 3: the refiner.
+    assert calls == {"base": 3, "refiner": 1}
+    plain = base.txt2img("a castle", width=64, height=64, steps=4, sampler="Euler", seed=1)
+    assert rel_err(out.latents, plain.latents) > 1e-5  # only the last, low-noise step differs
+    assert "Refiner: refiner [" in out.infotexts[0]
+
+
+def test_refiner_must_share_the_latent_space(sdxl_pair, sd1):
+    with pytest.raises(ValueError, match="SDXL-family"):
+        sdxl_pair[0].txt2img("x", width=64, height=64, steps=2, refiner=sd1[0])
+
+
+def test_outpaint_extends_the_canvas(sd1):
+    pipe = sd1[0]
+    image = Image.new("RGB", (48, 64), (30, 160, 90))
+    out = pipe.outpaint(image, "grass", right=16, steps=3, seed=2, mask_blur=0).images[0]
+    assert out.size == (64, 64)
+    assert np.array_equal(np.asarray(out)[:, :48], np.asarray(image))
