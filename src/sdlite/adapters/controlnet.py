@@ -33,7 +33,7 @@ from ..checkpoint.files import TensorFile
 from ..checkpoint.materialize import materialize, plan
 from ..errors import CheckpointError
 from ..unet import UNetModel
-from ..unet.blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, timestep_embedding
+from ..unet.model import build_encoder, embed_timesteps
 from ..unet.config import UNetEncoderConfig, config_from_fields, read_encoder_fields
 from . import preprocess
 from .controlnet_keys import from_diffusers
@@ -84,12 +84,10 @@ class ControlNet(nn.Module):
     def __init__(self, config: ControlNetConfig):
         super().__init__()
         self.config = c = config
-        emb_dim = c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            )
+        # The UNet's input side and middle block, built by the UNet's own code; one zero conv per output.
+        widths = build_encoder(self, c)
+        self.zero_convs = nn.ModuleList(_conv1x1(w) for w in widths)
+        self.middle_block_out = _conv1x1(widths[-1])
 
         # Conv stack at pixel resolution: two 3x3 convs per stage, the first of each later stage with stride 2,
         # SiLU between all of them (odd indices), and a last conv to the UNet's width.
@@ -100,35 +98,6 @@ class ControlNet(nn.Module):
         hint.append(nn.Conv2d(c.hint_block_channels[-1], c.model_channels, 3, padding=1))
         self.input_hint_block = nn.Sequential(*hint)
 
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
-            heads, head_dim = c.attention_heads(channels)
-            return SpatialTransformer(channels, heads, head_dim, depth, c.context_dim, c.use_linear_in_transformer)
-
-        # The UNet's input side and middle block, built exactly as UNetModel builds them.
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
-        self.zero_convs = nn.ModuleList([_conv1x1(c.model_channels)])
-        ch = c.model_channels
-        depths = iter(c.transformer_depth)
-        for level, width in enumerate(c.level_channels):
-            for _ in range(c.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, width)]
-                ch = width
-                depth = next(depths)
-                if depth:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(TimestepBlock(*layers))
-                self.zero_convs.append(_conv1x1(ch))
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                self.zero_convs.append(_conv1x1(ch))
-        middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
-        if c.transformer_depth_middle > 0:
-            middle.append(transformer(ch, c.transformer_depth_middle))
-        if c.transformer_depth_middle >= 0:
-            middle.append(ResBlock(ch, emb_dim, ch))
-        self.middle_block = TimestepBlock(*middle)
-        self.middle_block_out = _conv1x1(ch)
-
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
@@ -137,21 +106,12 @@ class ControlNet(nn.Module):
                 context: torch.Tensor | None = None, y: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Residuals for the UNet from latents ``x`` [B, C, H, W] and the control image ``hint`` [B, hint_channels,
         8H, 8W] (RGB in [0, 1]); ``timesteps``, ``context`` and ``y`` as the UNet takes them."""
-        c = self.config
-        if (y is None) != (c.adm_in_channels is None):
-            raise ValueError("y (the ADM vector) must be given exactly when the ControlNet has label_emb "
-                             f"(adm_in_channels={c.adm_in_channels})")
         expected = (x.shape[-2] * HINT_DOWNSAMPLING, x.shape[-1] * HINT_DOWNSAMPLING)
         if tuple(hint.shape[-2:]) != expected:
             raise ValueError(f"hint is {hint.shape[-1]}x{hint.shape[-2]} pixels, but latents of {x.shape[-1]}x"
                              f"{x.shape[-2]} need a {expected[1]}x{expected[0]} hint (prepare it at the generation size)")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        emb = embed_timesteps(self, self.config, timesteps, x.shape[0], x.device, y)
         dtype = self.dtype
-        emb = self.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(dtype))
         if context is not None:
             context = context.to(dtype)
         guided_hint = self.input_hint_block(hint.to(dtype))

@@ -8,7 +8,63 @@ import torch
 from torch import nn
 
 from .blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, timestep_embedding
-from .config import UNetConfig
+from .config import UNetConfig, UNetEncoderConfig
+
+
+def build_encoder(module: nn.Module, c: UNetEncoderConfig) -> list[int]:
+    """Give ``module`` the UNet's ``time_embed``, ``label_emb``, ``input_blocks`` and ``middle_block`` (the part a
+    ControlNet copies), under their original names; returns the width of each input block's output."""
+    emb_dim = c.time_embed_dim
+    module.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if c.adm_in_channels is not None:
+        # Doubly nested as in the original: label_emb.0.0 / label_emb.0.2.
+        module.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        )
+    module.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+    widths = [c.model_channels]
+    ch = c.model_channels
+    depths = iter(c.transformer_depth)
+    for level, width in enumerate(c.level_channels):
+        for _ in range(c.num_res_blocks[level]):
+            layers: list[nn.Module] = [ResBlock(ch, emb_dim, width)]
+            ch = width
+            depth = next(depths)
+            if depth:
+                layers.append(spatial_transformer(c, ch, depth))
+            module.input_blocks.append(TimestepBlock(*layers))
+            widths.append(ch)
+        if level != len(c.channel_mult) - 1:
+            module.input_blocks.append(TimestepBlock(Downsample(ch)))
+            widths.append(ch)
+    middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
+    if c.transformer_depth_middle > 0:
+        middle.append(spatial_transformer(c, ch, c.transformer_depth_middle))
+    if c.transformer_depth_middle >= 0:
+        middle.append(ResBlock(ch, emb_dim, ch))
+    module.middle_block = TimestepBlock(*middle)
+    return widths
+
+
+def spatial_transformer(c: UNetEncoderConfig, channels: int, depth: int) -> SpatialTransformer:
+    heads, head_dim = c.attention_heads(channels)
+    return SpatialTransformer(channels, heads, head_dim, depth, c.context_dim, c.use_linear_in_transformer)
+
+
+def embed_timesteps(module: nn.Module, c: UNetEncoderConfig, timesteps, batch: int, device: torch.device,
+                    y: torch.Tensor | None) -> torch.Tensor:
+    """The time (+ ADM) embedding of a module built by ``build_encoder``; timesteps may be a scalar."""
+    if (y is None) != (c.adm_in_channels is None):
+        raise ValueError("y (the ADM vector) must be given exactly when the model has label_emb "
+                         f"(adm_in_channels={c.adm_in_channels})")
+    timesteps = torch.as_tensor(timesteps, device=device)
+    if timesteps.ndim == 0:
+        timesteps = timesteps.expand(batch)
+    dtype = module.time_embed[0].weight.dtype
+    emb = module.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
+    if y is not None:
+        emb = emb + module.label_emb(y.to(dtype))
+    return emb
 
 
 class UNetModel(nn.Module):
@@ -20,43 +76,10 @@ class UNetModel(nn.Module):
 
     def __init__(self, config: UNetConfig):
         super().__init__()
-        self.config = config
-        c = config
+        self.config = c = config
         emb_dim = c.time_embed_dim
-        self.time_embed = nn.Sequential(nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if c.adm_in_channels is not None:
-            # Doubly nested as in the original: label_emb.0.0 / label_emb.0.2.
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            )
-
-        def transformer(channels: int, depth: int) -> SpatialTransformer:
-            heads, head_dim = c.attention_heads(channels)
-            return SpatialTransformer(channels, heads, head_dim, depth, c.context_dim, c.use_linear_in_transformer)
-
-        self.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
-        skip_channels = [c.model_channels]
-        ch = c.model_channels
-        depths = iter(c.transformer_depth)
-        for level, width in enumerate(c.level_channels):
-            for _ in range(c.num_res_blocks[level]):
-                layers: list[nn.Module] = [ResBlock(ch, emb_dim, width)]
-                ch = width
-                depth = next(depths)
-                if depth:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(TimestepBlock(*layers))
-                skip_channels.append(ch)
-            if level != len(c.channel_mult) - 1:
-                self.input_blocks.append(TimestepBlock(Downsample(ch)))
-                skip_channels.append(ch)
-
-        middle: list[nn.Module] = [ResBlock(ch, emb_dim, ch)]
-        if c.transformer_depth_middle > 0:
-            middle.append(transformer(ch, c.transformer_depth_middle))
-        if c.transformer_depth_middle >= 0:
-            middle.append(ResBlock(ch, emb_dim, ch))
-        self.middle_block = TimestepBlock(*middle)
+        skip_channels = build_encoder(self, c)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         depths = iter(c.transformer_depth_output)
@@ -66,7 +89,7 @@ class UNetModel(nn.Module):
                 ch = width
                 depth = next(depths)
                 if depth:
-                    layers.append(transformer(ch, depth))
+                    layers.append(spatial_transformer(c, ch, depth))
                 if level and i == c.num_res_blocks[level]:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
@@ -81,20 +104,13 @@ class UNetModel(nn.Module):
         conditioning, and ``control`` ControlNet residuals in input-block order followed by the middle-block one:
         the last is added to the middle block's output, the others to the skip connections they match.
         """
-        if (y is None) != (self.config.adm_in_channels is None):
-            raise ValueError("y (the ADM vector) must be given exactly when the UNet has label_emb "
-                             f"(adm_in_channels={self.config.adm_in_channels})")
-        timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(self.time_embed[0].weight.dtype))
-        if y is not None:
-            emb = emb + self.label_emb(y.to(emb.dtype))
+        emb = embed_timesteps(self, self.config, timesteps, x.shape[0], x.device, y)
         controls = list(control) if control is not None else []
         if controls and len(controls) != len(self.input_blocks) + 1:
             raise ValueError(f"control has {len(controls)} residuals, this UNet takes {len(self.input_blocks) + 1} "
                              "(one per input block and one for the middle block)")
         dtype = self.input_blocks[0][0].weight.dtype
+        controls = [c.to(dtype) for c in controls]
         if context is not None:
             context = context.to(dtype)
 
