@@ -34,3 +34,7 @@ class ShapeMismatchError(CheckpointError):
     def __init__(self, path, key: str, expected, found):
         self.key, self.expected, self.found = key, tuple(expected), tuple(found)
         super().__init__(path, f"tensor {key!r} has shape {list(found)}, expected {list(expected)}")
+
+
+class LoraError(CheckpointError):
+    """A LoRA-family file does not fit the model it is applied to, or holds keys sdlite cannot apply."""
