@@ -230,3 +230,27 @@ def test_outpaint_extends_the_canvas(sd1):
     out = pipe.outpaint(image, "grass", right=16, steps=3, seed=2, mask_blur=0).images[0]
     assert out.size == (64, 64)
     assert np.array_equal(np.asarray(out)[:, :48], np.asarray(image))
+
+
+def test_lora_prompt_tags_apply_for_one_generation(sd1, tmp_path):
+    from lorafiles import text_layers, unet_layers, write_file
+
+    pipe = sd1[0]
+    write_file(tmp_path / "ink.safetensors", unet_layers(pipe.unet) + text_layers(pipe.text_encoders[0], "te"),
+               "lora", "sd1", seed=3)
+    args = dict(width=64, height=64, steps=3, seed=8, sampler="Euler")
+    plain = pipe.txt2img("a castle", **args)
+    pipe.lora_dirs = [tmp_path]
+    try:
+        tagged = pipe.txt2img("a castle <lora:ink:0.8>", **args)
+        handle = pipe.add_lora(tmp_path / "ink.safetensors", weight=0.8, te_weight=0.8, mode="merge")
+        merged = pipe.txt2img("a castle", **args)
+        handle.remove()
+        with pytest.raises(ValueError, match="no missing.safetensors"):
+            pipe.txt2img("a castle <lora:missing:1>", **args)
+    finally:
+        pipe.lora_dirs = []
+    assert rel_err(tagged.latents, merged.latents) < 1e-5
+    assert rel_err(tagged.latents, plain.latents) > 1e-3
+    assert torch.equal(pipe.txt2img("a castle", **args).latents, plain.latents)  # the tag's LoRA was taken off
+    assert 'Lora hashes: "ink: ' in tagged.infotexts[0] and not pipe.loras

@@ -1,16 +1,20 @@
 """sdlite: Stable Diffusion from the original checkpoint files, in plain PyTorch.
 
     pipe = sdlite.load("v1-5-pruned-emaonly.safetensors")
-    cond = pipe.encode_prompt(["a cat drinking a pint of beer"])
+    image = pipe.txt2img("a cat drinking a pint of beer", seed=1).images[0]
 """
 
 from __future__ import annotations
 
 from .errors import CheckpointError, SdliteError, ShapeMismatchError, UnsafePickleError
-from .pipeline import Conditioning, StableDiffusion, load
+from .adapters.controlnet import ControlUnit
+from .conditioning import Conditioning
+from .generate import Hires, Result
+from .infotext import read_infotext
+from .pipeline import StableDiffusion, load
 
 __version__ = "0.1.0"
 version = __version__
 
-__all__ = ["load", "StableDiffusion", "Conditioning", "SdliteError", "CheckpointError", "ShapeMismatchError",
-           "UnsafePickleError", "version", "__version__"]
+__all__ = ["load", "read_infotext", "StableDiffusion", "Conditioning", "ControlUnit", "Hires", "Result",
+           "SdliteError", "CheckpointError", "ShapeMismatchError", "UnsafePickleError", "version", "__version__"]

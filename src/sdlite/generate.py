@@ -9,7 +9,9 @@ fix is a txt2img pass followed by an img2img pass on the upscaled latent.
 from __future__ import annotations
 
 import functools
+import os
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images as im
+from .adapters.lora import lora_hash
 from .conditioning import encode_schedule
 from .guidance import Cond, GuidedDenoiser, Handoff, UNetCall, pad_parts
 from .prompt import extract_networks, split_and
@@ -151,9 +154,27 @@ class Generation:
         self.subseed = resolve_seed(job.subseed) if job.subseed_strength else job.subseed
         self.subseeds = [self.subseed + i for i in range(job.batch_size)] if job.subseed_strength else None
         self.device, self.dtype = pipe.device, pipe.dtype
+        self.loras = self._resolve_loras()
         if job.refiner is not None and not (pipe.family.startswith("sdxl") and job.refiner.family.startswith("sdxl")):
             raise ValueError(f"a refiner hands over latents, so both models must be SDXL-family; got {pipe.family} "
                              f"and {job.refiner.family}")
+
+    # --- extra networks ---
+
+    def _resolve_loras(self) -> list[tuple[str, str, float, float]]:
+        """``<lora:name:te:unet>`` tags of the prompt as (name, file, te weight, unet weight), files found by name
+        (file stem) in ``pipe.lora_dirs``; a name that is not found is an error, not a silent no-op."""
+        found = []
+        for tag in extract_networks(self.job.prompt)[1]:
+            if tag.kind not in ("lora", "lyco"):
+                raise ValueError(f"<{tag.kind}:{tag.name}> extra networks are not supported (only lora)")
+            te, unet, _ = tag.lora_weights()
+            path = find_lora(self.pipe.lora_dirs, tag.name)
+            if path is None:
+                raise ValueError(f"<lora:{tag.name}>: no {tag.name}.safetensors/.pt/.ckpt/.bin in pipe.lora_dirs "
+                                 f"{list(map(str, self.pipe.lora_dirs))}")
+            found.append((tag.name, path, te, unet))
+        return found
 
     # --- conditioning ---------------------------------------------------------------------------------------------
 
@@ -285,6 +306,15 @@ class Generation:
     # --- the four modes -------------------------------------------------------------------------------------------
 
     def run(self) -> Result:
+        handles = [self.pipe.add_lora(path, weight=unet, te_weight=te, mode="inject")
+                   for _, path, te, unet in self.loras]
+        try:
+            return self._run()
+        finally:
+            for handle in reversed(handles):
+                handle.remove()
+
+    def _run(self) -> Result:
         job = self.job
         if job.init_image is None:
             samples = self.txt2img()
@@ -435,8 +465,25 @@ class Generation:
         if job.refiner is not None:
             params["Refiner"] = f"{job.refiner.model_name} [{job.refiner.model_hash}]"
             params["Refiner switch at"] = float(job.refiner_switch_at)
+        if self.loras:
+            params["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', name)}: {lora_hash(path)}"
+                                              for name, path, _, _ in self.loras)
         params["Version"] = f"sdlite {__import__('sdlite').__version__}"
         return create_infotext(job.prompt, job.negative_prompt, params)
+
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
+def find_lora(folders, name: str) -> str | None:
+    """The file called ``name`` (+ a LoRA suffix) in ``folders`` or their subfolders, first match in sorted order."""
+    for folder in folders:
+        for root, dirs, files in sorted(os.walk(folder)):
+            dirs.sort()
+            for suffix in LORA_SUFFIXES:
+                if name + suffix in files:
+                    return os.path.join(root, name + suffix)
+    return None
 
 
 def generate(pipe, job: Job) -> Result:

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+from dataclasses import fields
 from typing import Sequence
 
 import torch
+from PIL import Image
 from torch import nn
 
+from .adapters.lora import LoraHandle, apply_lora
 from .checkpoint import load_components
-from .clip import EOS, get_tokenizer
-
-# Pad id and the transformer output each family feeds the UNet (FORMATS.md 1.2-1.4).
-_OPENCLIP_PAD = 0
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning: ``context`` [B, T, D] for cross-attention; ``pooled`` [B, 1280] (SDXL family) or None."""
-
-    context: torch.Tensor
-    pooled: torch.Tensor | None = None
-
+from .adapters.embeddings import EmbeddingSet, load_embeddings
+from .conditioning import Conditioning, encode_text
+from .generate import Hires, Job, Result, generate
+from .images import outpaint_canvas
+from .infotext import model_hash
 
 class StableDiffusion:
     """A Stable Diffusion checkpoint loaded from its original single file.
@@ -36,7 +31,9 @@ class StableDiffusion:
         self.path, self.family, self.prediction = path, family, prediction
         self.unet, self.vae, self.text_encoders = unet, vae, text_encoders
         self.set_aside, self.unknown = set_aside or [], unknown or []
-        self.tokenizer = get_tokenizer()
+        self.embeddings: EmbeddingSet | None = None
+        self.lora_dirs: list[str | os.PathLike] = []  # where <lora:name:…> prompt tags are looked up
+        self._loras: list[LoraHandle] = []
 
     @property
     def is_inpaint(self) -> bool:
@@ -50,18 +47,100 @@ class StableDiffusion:
     def dtype(self) -> torch.dtype:
         return self.unet.out[2].weight.dtype
 
+    @property
+    def native_size(self) -> int:
+        """The side the family was trained at: 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
+        if self.family.startswith("sdxl"):
+            return 1024
+        return 768 if self.family == "sd2" and self.prediction == "v" else 512
+
+    @functools.cached_property
+    def model_hash(self) -> str:
+        """A1111's "Model hash" (first 10 hex digits of the file's sha256), computed once when first asked for."""
+        return model_hash(self.path)
+
+    @property
+    def model_name(self) -> str:
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    def _run(self, prompt: str, options: dict) -> Result:
+        options.setdefault("width", self.native_size)
+        options.setdefault("height", self.native_size)
+        if isinstance(options.get("hires"), dict):
+            options["hires"] = Hires(**options["hires"])
+        known = {f.name for f in fields(Job)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'prompt'}))}")
+        return generate(self, Job(prompt=prompt, **options))
+
+    def txt2img(self, prompt: str, negative_prompt: str = "", **options) -> Result:
+        """Text to image. Options (A1111 names in snake case): width, height, steps=20, cfg_scale=7, sampler="Euler a",
+        scheduler="Automatic", seed=-1, subseed, subseed_strength, seed_resize_from, batch_size=1, clip_skip=1,
+        eta_noise_seed_delta, rng="CPU"|"GPU"|"NV", hires=Hires(...) or dict, original_size, crop, controlnets, callback.
+        Returns Result(images=[PIL], infotexts=[str], seeds=[int], latents)."""
+        return self._run(prompt, dict(options, negative_prompt=negative_prompt))
+
+    def img2img(self, init_image: Image.Image, prompt: str, negative_prompt: str = "", strength: float = 0.75,
+                **options) -> Result:
+        """Image to image with A1111's step accounting: int(strength·steps)+1 steps at the end of the schedule.
+        Extra options: resize_mode ("just resize", "crop and resize", "resize and fill"), and txt2img's."""
+        return self._run(prompt, dict(options, negative_prompt=negative_prompt, init_image=init_image,
+                                      denoising_strength=strength))
+
+    def inpaint(self, image: Image.Image, mask: Image.Image, prompt: str, negative_prompt: str = "",
+                strength: float = 0.75, **options) -> Result:
+        """Regenerate the white part of ``mask``. Options: mask_blur=4, invert_mask, inpaint_fill ("original",
+        "fill", "latent noise", "latent nothing"), only_masked, only_masked_padding=32, mask_weight=1, and img2img's.
+        Inpainting checkpoints get the masked image as conditioning; others blend latents with the mask each step.
+        Unmasked pixels of the result are the original's."""
+        return self._run(prompt, dict(options, negative_prompt=negative_prompt, init_image=image, mask=mask,
+                                      denoising_strength=strength))
+
+    def outpaint(self, image: Image.Image, prompt: str, negative_prompt: str = "", *, left: int = 0, right: int = 0,
+                 up: int = 0, down: int = 0, strength: float = 0.8, **options) -> Result:
+        """Extend the canvas by the given pixels on each side and inpaint the new border (edge pixels stretched into
+        it, then masked content "fill" unless told otherwise). The canvas must come out a multiple of 8."""
+        canvas, mask = outpaint_canvas(image, left, right, up, down)
+        options.setdefault("width", canvas.width)
+        options.setdefault("height", canvas.height)
+        options.setdefault("inpaint_fill", "fill")
+        return self.inpaint(canvas, mask, prompt, negative_prompt, strength=strength, **options)
+
     def __repr__(self) -> str:
         return (f"StableDiffusion({os.path.basename(self.path)!r}, family={self.family!r}, "
                 f"prediction={self.prediction!r}, inpaint={self.is_inpaint}, dtype={self.dtype}, device={self.device})")
 
+    def add_lora(self, path: str | os.PathLike, weight: float = 1.0, te_weight: float | None = None,
+                 mode: str = "merge", strict: bool = True) -> LoraHandle:
+        """Apply a LoRA / LyCORIS / diffusers / PEFT file (``sdlite.adapters.lora``); ``.remove()`` takes it off.
+
+        ``weight`` scales the UNet part, ``te_weight`` the text encoders (None: same as ``weight``). ``mode`` is
+        "merge" (into the weights) or "inject" (computed live; ``handle.set_weight`` between images).
+        """
+        return apply_lora(self.unet, self.text_encoders, path, family=self.family, weight=weight, te_weight=te_weight,
+                          mode=mode, strict=strict, applied=self._loras)
+
+    @property
+    def loras(self) -> list[LoraHandle]:
+        """The LoRA handles applied with ``add_lora`` and not removed, oldest first."""
+        return list(self._loras)
+
+    def load_embeddings(self, *sources: str | os.PathLike) -> EmbeddingSet:
+        """Textual-inversion embeddings from files or folders (.pt, .bin, .safetensors; SDXL clip_l/clip_g), used in
+        prompts by file name. Embeddings that do not fit this model's text encoders are skipped with a warning."""
+        self.embeddings = load_embeddings(list(sources), self.text_encoders)
+        return self.embeddings
+
     @torch.no_grad()
     def encode_prompt(self, prompts: str | Sequence[str], clip_skip: int = 1) -> Conditioning:
-        """Encode plain prompts (77 tokens each, longer ones truncated) as the family's original code does.
+        """Encode prompts as A1111 does: emphasis ``(word:1.2)``, 75-token chunks (``BREAK``), embeddings by name.
 
         SD 1.x: CLIP-L, the output of layer ``-clip_skip`` through the final LayerNorm. SD 2.x: OpenCLIP ViT-H,
         penultimate layer through ln_final. SDXL: CLIP-L and OpenCLIP bigG penultimate layers without final norm,
-        concatenated to 2048 features, plus bigG's pooled projection; the refiner uses bigG alone. clip_skip applies
-        to SD 1.x only: the other families have a fixed layer, as in A1111.
+        concatenated to 2048 features, plus bigG's pooled projection (first chunk); the refiner uses bigG alone.
+        clip_skip applies to SD 1.x only, as in A1111. Prompt editing and AND are resolved by the generation methods
+        (see ``sdlite.conditioning.encode_schedule``).
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -69,19 +148,8 @@ class StableDiffusion:
             raise ValueError("encode_prompt needs at least one prompt")
         if clip_skip < 1:
             raise ValueError(f"clip_skip counts from 1 (the last layer), got {clip_skip}")
-        contexts, pooled = [], None
-        for encoder in self.text_encoders:
-            is_openclip = encoder.config.layout == "openclip"
-            tokens = self.tokenizer(list(prompts), pad_id=_OPENCLIP_PAD if is_openclip else EOS).to(self.device)
-            if self.family == "sd1":
-                out = encoder(tokens, layer=-clip_skip, final_norm=True)
-            elif self.family == "sd2":
-                out = encoder(tokens, layer=-2, final_norm=True)
-            else:
-                out = encoder(tokens, layer=-2, final_norm=False, pooled=is_openclip)
-                pooled = out.pooled if is_openclip else pooled
-            contexts.append(out.hidden)
-        return Conditioning(torch.cat(contexts, dim=-1), pooled)
+        return encode_text(list(prompts), self.text_encoders, self.family, clip_skip=clip_skip,
+                           embeddings=self.embeddings)
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
