@@ -36,3 +36,21 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny float64 models run fastest on one thread, and the test suite shares its CPU cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def take_off_loras(models):
+    """A failing test must not leave its LoRAs on the module's shared ``models``."""
+    yield
+    for model in models.values():
+        for handle in model.pipe.loras:
+            handle.remove()

@@ -18,13 +18,7 @@ TINY = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=(1, 2
             context_dim=32, use_linear_in_transformer=True, head_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 models run fastest on one thread, and the test suite shares its CPU cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_unet(seed: int = 0) -> UNetModel:

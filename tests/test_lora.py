@@ -30,13 +30,7 @@ def models(tmp_path_factory):
     return {family: load_model(family, tmp_path_factory.mktemp(family)) for family in ("sd1", "sd2", "sdxl")}
 
 
-@pytest.fixture(autouse=True)
-def take_off_loras(models):
-    """A failing test must not leave its LoRAs on the shared models."""
-    yield
-    for model in models.values():
-        for handle in model.pipe.loras:
-            handle.remove()
+pytestmark = pytest.mark.usefixtures("take_off_loras")
 
 
 def snapshot(pipe) -> dict[str, torch.Tensor]:

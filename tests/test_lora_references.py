@@ -29,12 +29,7 @@ def models(tmp_path_factory):
     return {family: load_model(family, tmp_path_factory.mktemp(family)) for family in ("sd1", "sdxl")}
 
 
-@pytest.fixture(autouse=True)
-def take_off_loras(models):
-    yield
-    for model in models.values():
-        for handle in model.pipe.loras:
-            handle.remove()
+pytestmark = pytest.mark.usefixtures("take_off_loras")
 
 
 def unet_inputs(pipe, seed=3):

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
 
 from . import images as im
 from .adapters.lora import lora_hash
@@ -330,14 +331,16 @@ class Generation:
 
     def txt2img(self) -> torch.Tensor:
         job = self.job
-        image_cond = None
-        if self.pipe.is_inpaint:
-            # Inpainting models without an image: a grey image, fully masked (A1111 txt2img_image_conditioning).
-            grey = torch.full((job.batch_size, 3, job.height, job.width), 0.5)
-            latent = self.encode(grey)
-            image_cond = torch.cat([torch.ones_like(latent[:, :1]), latent], dim=1)
-        return self.sample(None, self.noise(job.width, job.height), self.conditioning(job.width, job.height, self.schedule_steps(job.steps)),
-                           total_steps=job.steps, run_steps=job.steps, image_cond=image_cond)
+        cond_at = self.conditioning(job.width, job.height, self.schedule_steps(job.steps))
+        return self.sample(None, self.noise(job.width, job.height), cond_at, total_steps=job.steps,
+                           run_steps=job.steps, image_cond=self._blank_inpaint_conditioning(job.width, job.height))
+
+    def _blank_inpaint_conditioning(self, width: int, height: int) -> torch.Tensor | None:
+        """Inpainting models without an image: a grey image, fully masked (A1111 txt2img_image_conditioning)."""
+        if not self.pipe.is_inpaint:
+            return None
+        latent = self.encode(torch.full((self.job.batch_size, 3, height, width), 0.5))
+        return torch.cat([torch.ones_like(latent[:, :1]), latent], dim=1)
 
     def img2img(self):
         job = self.job
@@ -355,8 +358,10 @@ class Generation:
             elif job.inpaint_fill == "latent nothing":
                 init_latent = init_latent * (1 - mask)
         image_cond = self._inpaint_conditioning(pixels, prep["cond_mask"]) if self.pipe.is_inpaint else None
-        samples = self.sample(init_latent, noise, self.conditioning(job.width, job.height, self.schedule_steps(job.steps)),
-                              total_steps=job.steps, run_steps=int(min(job.denoising_strength, 0.999) * job.steps) + 1,
+        cond_at = self.conditioning(job.width, job.height, self.schedule_steps(job.steps))
+        # A1111's step accounting: the last int(strength·steps) + 1 steps of a `steps`-step schedule.
+        run_steps = int(min(job.denoising_strength, 0.999) * job.steps) + 1
+        samples = self.sample(init_latent, noise, cond_at, total_steps=job.steps, run_steps=run_steps,
                               image_cond=image_cond,
                               mask=None if self.pipe.is_inpaint else mask)
         if mask is not None and self.pipe.is_inpaint:
@@ -373,7 +378,7 @@ class Generation:
             return out
         mask = im.binary_mask(job.mask)
         if job.invert_mask:
-            mask = im.ImageOps.invert(mask)
+            mask = ImageOps.invert(mask)
         if job.mask_blur > 0:
             mask = im.blur_mask(mask, job.mask_blur, job.mask_blur)
         paste_to = None
@@ -404,7 +409,7 @@ class Generation:
         if mask_image is None:
             mask = torch.ones(b, 1, h, w)
         else:
-            mask = torch.from_numpy(im.np.around(im.np.asarray(mask_image.convert("L"), dtype=im.np.float32) / 255.0))
+            mask = torch.from_numpy(np.around(np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0))
             mask = mask[None, None].expand(b, 1, h, w)
         masked = torch.lerp(pixels, pixels * (1.0 - mask), self.job.mask_weight)
         latent = self.encode(masked)
@@ -420,12 +425,10 @@ class Generation:
             upscaled = F.interpolate(samples.float(), size=(height // f, width // f), mode=mode,
                                      antialias=antialias).to(samples)
         else:
-            pictures = [p.resize((width, height), IMAGE_UPSCALERS[hr.upscaler]) for p in im.to_pil(self.decode(samples))]
+            resample = IMAGE_UPSCALERS[hr.upscaler]
+            pictures = [p.resize((width, height), resample) for p in im.to_pil(self.decode(samples))]
             upscaled = self.encode(torch.stack([im.to_tensor(p) for p in pictures]))
-        image_cond = None
-        if self.pipe.is_inpaint:
-            grey = self.encode(torch.full((job.batch_size, 3, height, width), 0.5))
-            image_cond = torch.cat([torch.ones_like(grey[:, :1]), grey], dim=1)
+        image_cond = self._blank_inpaint_conditioning(width, height)
         # A1111 runs exactly the hires steps: the schedule is stretched to steps/strength and its tail is used.
         steps = hr.steps or job.steps
         total = int(steps / min(hr.denoising_strength, 0.999)) if hr.denoising_strength > 0 else steps
@@ -440,7 +443,8 @@ class Generation:
 
         job, pipe = self.job, self.pipe
         params = {
-            "Steps": job.steps, "Sampler": job.sampler, "Schedule type": job.scheduler, "CFG scale": float(job.cfg_scale),
+            "Steps": job.steps, "Sampler": job.sampler, "Schedule type": job.scheduler,
+            "CFG scale": float(job.cfg_scale),
             "Seed": self.seeds[index], "Size": f"{job.width}x{job.height}", "Model hash": pipe.model_hash,
             "Model": pipe.model_name,
             "Variation seed": self.subseeds[index] if self.subseeds else None,

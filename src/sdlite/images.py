@@ -4,7 +4,6 @@ the "fill" of masked content, and the overlay that puts the original pixels back
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
