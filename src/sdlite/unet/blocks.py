@@ -157,14 +157,14 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        # [B, C, H, W] -> [B, H*W, C]
-        tokens = self.norm(x).flatten(2).transpose(1, 2)
+        # [B, C, H, W] -> [B, H*W, C]: a free view when x is channels-last
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
         tokens = pointwise(self.proj_in, tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
         tokens = pointwise(self.proj_out, tokens)
-        # [B, H*W, C] -> [B, C, H, W]
-        return x + tokens.transpose(1, 2).reshape(b, c, h, w)
+        # [B, H*W, C] -> [B, C, H, W] as a channels-last view, added without a layout change
+        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
 class TimestepBlock(nn.Sequential):
