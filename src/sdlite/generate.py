@@ -30,6 +30,7 @@ from .rng import SOURCES, ImageNoise
 from .schedulers import get_sampler, get_sampler_and_sigmas
 from .schedulers.sigmas import find_schedule
 from .unet.blocks import timestep_embedding
+from .vae.tiling import decode_tiled, encode_tiled
 
 FILL_MODES = ("fill", "original", "latent noise", "latent nothing")
 LATENT_UPSCALE_MODES = {"Latent": ("bilinear", False), "Latent (antialiased)": ("bilinear", True),
@@ -98,6 +99,9 @@ class Job:
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
     callback: Callable[[dict], None] | None = None
+    # VAE in overlapping tiles (sdlite.vae.tiling): True for the default tiles, an int for a tile of that many
+    # latents (that many times the downsample factor in pixels when encoding), a multiple of 4 for the 1/4 overlap.
+    vae_tiling: bool | int = False
 
     def check(self) -> None:
         im.check_size(self.width, self.height)
@@ -232,12 +236,21 @@ class Generation:
         """Images [B, 3, H, W] in [0, 1] → scaled latents; the posterior sample uses a CPU generator seeded with the
         first seed, so that img2img is reproducible (A1111 draws it from torch's global generator)."""
         vae = self.pipe.vae
-        posterior = vae.encode((images * 2 - 1).to(self.device, self.dtype))
+        pixels = (images * 2 - 1).to(self.device, self.dtype)
+        tile = self.job.vae_tiling
+        if tile:
+            kw = {} if tile is True else {"tile": tile * vae.config.downsample_factor}
+            posterior = encode_tiled(vae, pixels, **kw)
+        else:
+            posterior = vae.encode(pixels)
         return posterior.sample(torch.Generator().manual_seed(self.seed)) * vae.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
-        return vae.decode((latents / vae.scale_factor).to(self.dtype))
+        latents, tile = (latents / vae.scale_factor).to(self.dtype), self.job.vae_tiling
+        if tile:
+            return decode_tiled(vae, latents, **({} if tile is True else {"tile": tile}))
+        return vae.decode(latents)
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -307,7 +320,8 @@ class Generation:
     # --- the four modes -------------------------------------------------------------------------------------------
 
     def run(self) -> Result:
-        handles = [self.pipe.add_lora(path, weight=unet, te_weight=te, mode="inject")
+        # Merged, not injected: no cost per step, and removal restores the original bits exactly.
+        handles = [self.pipe.add_lora(path, weight=unet, te_weight=te, mode="merge")
                    for _, path, te, unet in self.loras]
         try:
             return self._run()
