@@ -254,3 +254,18 @@ def test_lora_prompt_tags_apply_for_one_generation(sd1, tmp_path):
     assert rel_err(tagged.latents, plain.latents) > 1e-3
     assert torch.equal(pipe.txt2img("a castle", **args).latents, plain.latents)  # the tag's LoRA was taken off
     assert 'Lora hashes: "ink: ' in tagged.infotexts[0] and not pipe.loras
+
+
+def test_cfg_batch_off_runs_cond_and_uncond_separately(sd1):
+    pipe = sd1[0]
+    batches = []
+    hook = pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        args = dict(width=64, height=64, steps=2, seed=6, sampler="Euler")
+        together = pipe.txt2img("x", **args).latents
+        n = len(batches)
+        apart = pipe.txt2img("x", cfg_batch=False, **args).latents
+    finally:
+        hook.remove()
+    assert batches[:n] == [2, 2] and batches[n:] == [1, 1, 1, 1]
+    assert rel_err(apart, together) < 1e-5

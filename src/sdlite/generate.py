@@ -98,6 +98,7 @@ class Job:
     controlnets: list = field(default_factory=list)
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
+    cfg_batch: bool = True  # cond and uncond in one UNet call; False halves the activation memory
     callback: Callable[[dict], None] | None = None
     # VAE in overlapping tiles (sdlite.vae.tiling): True for the default tiles, an int for a tile of that many
     # latents (that many times the downsample factor in pixels when encoding), a multiple of 4 for the 1/4 overlap.
@@ -268,7 +269,7 @@ class Generation:
         sigmas = sigmas.to(self.device)
         first = noise.first()
         x = first * sigmas[0] if x_init is None else x_init + first * sigmas[0]
-        model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init)
+        model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init, batch=job.cfg_batch)
         if job.refiner is not None:
             model = self._handoff(model, x_init, mask, total_steps, run_steps)
         if "noise_sampler" not in options:  # SDE samplers come with their Brownian tree (None = build it)
@@ -286,7 +287,7 @@ class Generation:
         steps = self.schedule_steps(total_steps)
         cond_at = self.conditioning(width, height, steps, pipe=refiner)
         denoiser = get_sampler(job.sampler).make_denoiser(UNetCall(refiner.unet), refiner.prediction)
-        model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init)
+        model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init, batch=job.cfg_batch)
         return Handoff(base, model, job.refiner_switch_at, self.schedule_steps(run_steps))
 
     def _control(self, x_init, noise: ImageNoise, state: dict, run_steps: int):

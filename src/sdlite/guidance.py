@@ -51,12 +51,14 @@ class GuidedDenoiser:
     ``cond_at(step)`` returns (conds, uncond) for the model call ``step`` (prompt editing changes them during
     sampling; A1111 counts model calls, so second-order samplers move through a prompt schedule twice as fast —
     reproduced here). ``mask``/``init_latent``: keep ``init_latent`` where mask is 0 (ordinary-model inpainting).
+    ``batch``: cond and uncond in one UNet call (the default; False runs them one after the other).
     """
 
     def __init__(self, denoiser: Callable, cond_at: Callable[[int], tuple[list[tuple[Cond, float]], Cond]],
-                 cfg_scale: float, *, mask: torch.Tensor | None = None, init_latent: torch.Tensor | None = None):
+                 cfg_scale: float, *, mask: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
+                 batch: bool = True):
         self.denoiser, self.cond_at, self.cfg_scale = denoiser, cond_at, cfg_scale
-        self.mask, self.init_latent = mask, init_latent
+        self.mask, self.init_latent, self.batch = mask, init_latent, batch
         self.step = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
@@ -81,7 +83,8 @@ class GuidedDenoiser:
         outs: list[torch.Tensor | None] = [None] * len(parts)
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(parts):
-            groups.setdefault(p.context.shape[1], []).append(i)
+            # batch=False: one UNet call per part, for when a doubled batch does not fit in memory.
+            groups.setdefault(p.context.shape[1] if self.batch else i, []).append(i)
         for members in groups.values():
             group = [parts[i] for i in members]
             context = torch.cat([p.context for p in group])
