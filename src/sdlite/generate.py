@@ -22,7 +22,6 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from . import images as im
-from .adapters.lora import lora_hash
 from .conditioning import encode_schedule
 from .guidance import Cond, GuidedDenoiser, Handoff, UNetCall, pad_parts
 from .prompt import extract_networks, split_and
@@ -324,6 +323,9 @@ class Generation:
         # Merged, not injected: no cost per step, and removal restores the original bits exactly.
         handles = [self.pipe.add_lora(path, weight=unet, te_weight=te, mode="merge")
                    for _, path, te, unet in self.loras]
+        # Hashed once per generation (each handle hashes its file once), not once per image of the batch.
+        self.lora_hashes = ", ".join(f"{re.sub('[:,]', '', name)}: {h.hash}"
+                                     for (name, *_), h in zip(self.loras, handles)) or None
         try:
             return self._run()
         finally:
@@ -484,9 +486,7 @@ class Generation:
         if job.refiner is not None:
             params["Refiner"] = f"{job.refiner.model_name} [{job.refiner.model_hash}]"
             params["Refiner switch at"] = float(job.refiner_switch_at)
-        if self.loras:
-            params["Lora hashes"] = ", ".join(f"{re.sub('[:,]', '', name)}: {lora_hash(path)}"
-                                              for name, path, _, _ in self.loras)
+        params["Lora hashes"] = self.lora_hashes
         params["Version"] = f"sdlite {__import__('sdlite').__version__}"
         return create_infotext(job.prompt, job.negative_prompt, params)
 

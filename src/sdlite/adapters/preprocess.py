@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
+from ..images import RESIZE_MODES
+
 PREPROCESSORS = (None, "canny", "invert")
 
 # tan(22.5°) in OpenCV's 15-bit fixed point; tan(67.5°) = tan(22.5°) + 2. Integer comparisons keep the direction
