@@ -205,8 +205,10 @@ class Generation:
         job, pipe = self.job, pipe or self.pipe
         kw = dict(hires_steps=hires_steps, clip_skip=job.clip_skip, embeddings=pipe.embeddings)
         encode = functools.partial(encode_schedule, encoders=pipe.text_encoders, family=pipe.family, steps=steps)
-        parts = [(encode(text, **kw), weight) for text, weight in split_and(extract_networks(job.prompt)[0])]
-        negative = encode(extract_networks(job.negative_prompt)[0], negative=True, **kw)
+        # Every text of the pass is encoded here, up front, so offloaded encoders visit the device once.
+        with pipe.using(*pipe.text_encoders):
+            parts = [(encode(text, **kw), weight) for text, weight in split_and(extract_networks(job.prompt)[0])]
+            negative = encode(extract_networks(job.negative_prompt)[0], negative=True, **kw)
         cache: dict = {}
 
         def cond_at(step: int):
@@ -238,19 +240,21 @@ class Generation:
         vae = self.pipe.vae
         pixels = (images * 2 - 1).to(self.device, self.dtype)
         tile = self.job.vae_tiling
-        if tile:
-            kw = {} if tile is True else {"tile": tile * vae.config.downsample_factor}
-            posterior = encode_tiled(vae, pixels, **kw)
-        else:
-            posterior = vae.encode(pixels)
+        with self.pipe.using(vae):
+            if tile:
+                kw = {} if tile is True else {"tile": tile * vae.config.downsample_factor}
+                posterior = encode_tiled(vae, pixels, **kw)
+            else:
+                posterior = vae.encode(pixels)
         return posterior.sample(torch.Generator().manual_seed(self.seed)) * vae.scale_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.pipe.vae
         latents, tile = (latents / vae.scale_factor).to(self.dtype), self.job.vae_tiling
-        if tile:
-            return decode_tiled(vae, latents, **({} if tile is True else {"tile": tile}))
-        return vae.decode(latents)
+        with self.pipe.using(vae):
+            if tile:
+                return decode_tiled(vae, latents, **({} if tile is True else {"tile": tile}))
+            return vae.decode(latents)
 
     # --- sampling -------------------------------------------------------------------------------------------------
 
@@ -269,17 +273,22 @@ class Generation:
         first = noise.first()
         x = first * sigmas[0] if x_init is None else x_init + first * sigmas[0]
         model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init, batch=job.cfg_batch)
+        # The UNet and its ControlNets are on the device for the sampling loop alone (offload); the refiner's prompts
+        # are encoded before it starts, and its UNet replaces the base one when it takes over.
+        visit = self.pipe.using(self.pipe.unet, *(u.net for u in job.controlnets))
         if job.refiner is not None:
-            model = self._handoff(model, x_init, mask, total_steps, run_steps)
+            model = self._handoff(model, x_init, mask, total_steps, run_steps,
+                                  on_switch=lambda: visit.switch(job.refiner.offload, [job.refiner.unet]))
         if "noise_sampler" not in options:  # SDE samplers come with their Brownian tree (None = build it)
             options["noise_sampler"] = noise.noise_sampler
-        with torch.inference_mode():
+        with visit, torch.inference_mode():
             samples = sampler(model, x, sigmas, callback=self._progress(len(sigmas) - 1, state), **options)
         if mask is not None:
             samples = x_init * (1 - mask) + samples * mask
         return samples
 
-    def _handoff(self, base: GuidedDenoiser, x_init, mask, total_steps: int, run_steps: int) -> Handoff:
+    def _handoff(self, base: GuidedDenoiser, x_init, mask, total_steps: int, run_steps: int,
+                 on_switch: Callable[[], None]) -> Handoff:
         job, refiner = self.job, self.job.refiner
         f = self.pipe.vae.config.downsample_factor
         width, height = (x_init.shape[3] * f, x_init.shape[2] * f) if x_init is not None else (job.width, job.height)
@@ -287,7 +296,7 @@ class Generation:
         cond_at = self.conditioning(width, height, steps, pipe=refiner)
         denoiser = get_sampler(job.sampler).make_denoiser(UNetCall(refiner.unet), refiner.prediction)
         model = GuidedDenoiser(denoiser, cond_at, job.cfg_scale, mask=mask, init_latent=x_init, batch=job.cfg_batch)
-        return Handoff(base, model, job.refiner_switch_at, self.schedule_steps(run_steps))
+        return Handoff(base, model, job.refiner_switch_at, self.schedule_steps(run_steps), on_switch=on_switch)
 
     def _control(self, x_init, noise: ImageNoise, state: dict, run_steps: int):
         """The ControlNet hook: hints prepared once for this pass's size; units gated by the step progress."""

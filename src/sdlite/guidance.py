@@ -113,14 +113,21 @@ def pad_parts(conds: list[tuple[Cond, float]]) -> list[tuple[Cond, float]]:
 class Handoff:
     """The base model's guided denoiser until ``switch_at`` of the sampler's model calls are done, then the
     refiner's. As in A1111 1.10 the sampler itself goes on (multistep history included); only the model changes,
-    and the prompt-schedule step count carries over."""
+    and the prompt-schedule step count carries over. ``on_switch`` runs once, just before the refiner's first call
+    (the core moves offloaded UNets there)."""
 
-    def __init__(self, base: GuidedDenoiser, refiner: GuidedDenoiser, switch_at: float, total_calls: int):
+    def __init__(self, base: GuidedDenoiser, refiner: GuidedDenoiser, switch_at: float, total_calls: int,
+                 on_switch: Callable[[], None] | None = None):
         self.base, self.refiner, self.switch_at, self.total_calls = base, refiner, switch_at, total_calls
+        self.on_switch, self.switched = on_switch, False
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         switched = self.calls / self.total_calls > self.switch_at
+        if switched and not self.switched:
+            self.switched = True
+            if self.on_switch is not None:
+                self.on_switch()
         model = self.refiner if switched else self.base
         model.step = self.calls
         self.calls += 1

@@ -18,12 +18,15 @@ from .conditioning import Conditioning, encode_text
 from .generate import Hires, Job, Result, generate
 from .images import outpaint_canvas
 from .infotext import model_hash
+from .offload import Offload, Visit
 
 class StableDiffusion:
     """A Stable Diffusion checkpoint loaded from its original single file.
 
     ``family`` is "sd1", "sd2", "sdxl" or "sdxl-refiner"; ``prediction`` is "eps" or "v"; ``unet``, ``vae`` and
     ``text_encoders`` are plain modules whose ``state_dict()`` keys are the file's keys minus the component prefix.
+    ``device`` is where generation computes: the UNet's device, or the execution device when offload is on
+    (``enable_offload``).
     """
 
     def __init__(self, path: str, family: str, prediction: str, unet: nn.Module, vae: nn.Module,
@@ -34,6 +37,7 @@ class StableDiffusion:
         self.embeddings: EmbeddingSet | None = None
         self.lora_dirs: list[str | os.PathLike] = []  # where <lora:name:…> prompt tags are looked up
         self._loras: list[LoraHandle] = []
+        self._offload: Offload | None = None
 
     @property
     def is_inpaint(self) -> bool:
@@ -41,7 +45,57 @@ class StableDiffusion:
 
     @property
     def device(self) -> torch.device:
+        """Where generation computes and creates its tensors: the execution device when offload is on (the weights
+        then wait on the offload device), else the UNet's."""
+        if self._offload is not None:
+            return self._offload.device
         return self.unet.out[2].weight.device
+
+    @property
+    def offload(self) -> Offload | None:
+        """The offload in force (``.device``, ``.offload_device``, ``.resident``), or None."""
+        return self._offload
+
+    def enable_offload(self, device: torch.device | str = "cuda",
+                       offload_device: torch.device | str = "cpu") -> "StableDiffusion":
+        """Keep the weights on ``offload_device`` and bring each component to ``device`` only while it runs.
+
+        Every generation method then moves the text encoders to ``device`` for prompt encoding and back, the UNet
+        and the ControlNets of ``controlnets=`` for sampling and back (an offloaded refiner's UNet takes the base
+        UNet's place when it takes over), and the VAE for each encode/decode and back, so the device holds about one
+        component's weights at a time, for a host-to-device copy of each component per use. ``pipe.device`` reports
+        ``device``, and every tensor the generation creates lives there. ``encode_prompt`` works the same way. LoRAs
+        merge into the weights where they are (``mode="inject"`` LoRAs added while offloaded keep their tensors on
+        ``offload_device`` and compute their changes there at every step: merge them instead); ControlNets given to a
+        generation are left on ``offload_device``. Returns the pipeline. ``disable_offload`` undoes it.
+        """
+        if self._offload is not None and self._offload.resident:
+            raise RuntimeError("cannot change the offload while a component is on the execution device")
+        self._offload = Offload(device, offload_device)
+        for module in self._components():
+            module.to(self._offload.offload_device)
+        return self
+
+    def disable_offload(self) -> "StableDiffusion":
+        """Turn offload off: every component moves to the execution device and stays there. Returns the pipeline;
+        a no-op when offload is off."""
+        if self._offload is None:
+            return self
+        if self._offload.resident:
+            raise RuntimeError("cannot turn offload off while a component is on the execution device")
+        device, self._offload = self._offload.device, None
+        for module in self._components():
+            module.to(device)
+        return self
+
+    def using(self, *modules: nn.Module | None) -> Visit:
+        """``with pipe.using(pipe.vae): ...`` — with offload on, ``modules`` (this pipeline's, or a ControlNet) are
+        on the execution device inside the block and back on the offload device after it; without offload, nothing
+        moves. The generation core wraps each stage in this."""
+        return Visit(self._offload, modules)
+
+    def _components(self) -> list[nn.Module]:
+        return [self.unet, self.vae, *self.text_encoders]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,8 +163,10 @@ class StableDiffusion:
         return self.inpaint(canvas, mask, prompt, negative_prompt, strength=strength, **options)
 
     def __repr__(self) -> str:
+        offload = "" if self._offload is None else f", offload_device={self._offload.offload_device}"
         return (f"StableDiffusion({os.path.basename(self.path)!r}, family={self.family!r}, "
-                f"prediction={self.prediction!r}, inpaint={self.is_inpaint}, dtype={self.dtype}, device={self.device})")
+                f"prediction={self.prediction!r}, inpaint={self.is_inpaint}, dtype={self.dtype}, device={self.device}"
+                f"{offload})")
 
     def compile(self, components: Sequence[str] = ("unet",), **options) -> "StableDiffusion":
         """Compile components with ``torch.compile`` in place and return the pipeline.
@@ -169,16 +225,22 @@ class StableDiffusion:
             raise ValueError("encode_prompt needs at least one prompt")
         if clip_skip < 1:
             raise ValueError(f"clip_skip counts from 1 (the last layer), got {clip_skip}")
-        return encode_text(list(prompts), self.text_encoders, self.family, clip_skip=clip_skip,
-                           embeddings=self.embeddings)
+        with self.using(*self.text_encoders):
+            return encode_text(list(prompts), self.text_encoders, self.family, clip_skip=clip_skip,
+                               embeddings=self.embeddings)
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-         prediction: str | None = None) -> StableDiffusion:
+         prediction: str | None = None, offload: bool = False) -> StableDiffusion:
     """Load an original SD 1.x / 2.x / XL (base, refiner, inpainting) checkpoint, ``.safetensors`` or ``.ckpt``.
 
     The architecture is read from the tensor shapes; no config file and no network are used. ``prediction``
-    ("eps" or "v") overrides the guess for SD 2.x 768-v models. Errors are ``sdlite.errors.CheckpointError``.
+    ("eps" or "v") overrides the guess for SD 2.x 768-v models. ``offload=True`` loads the weights into CPU memory
+    and computes on ``device``, moving each component there only while it runs (``StableDiffusion.enable_offload``).
+    A half-precision VAE that overflows (SDXL's original VAE in float16) switches itself to float32 on its first
+    inf/NaN result (``sdlite.vae.AutoencoderKL``); ``pipe.vae.float()`` chooses that up front.
+    Errors are ``sdlite.errors.CheckpointError``.
     """
-    c = load_components(path, device=device, dtype=dtype, prediction=prediction)
-    return StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown)
+    c = load_components(path, device="cpu" if offload else device, dtype=dtype, prediction=prediction)
+    pipe = StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown)
+    return pipe.enable_offload(device) if offload else pipe

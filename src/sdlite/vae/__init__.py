@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from sdlite.vae.config import VAEConfig, infer_vae_config
-from sdlite.vae.model import AutoencoderKL, DiagonalGaussian
+from sdlite.vae.model import AutoencoderKL, DiagonalGaussian, VAEUpcastWarning
 from sdlite.vae.tiling import decode_tiled, encode_tiled
 
-__all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig", "decode_tiled", "encode_tiled", "infer_vae_config"]
+__all__ = ["AutoencoderKL", "DiagonalGaussian", "VAEConfig", "VAEUpcastWarning", "decode_tiled", "encode_tiled",
+           "infer_vae_config"]

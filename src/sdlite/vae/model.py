@@ -8,6 +8,9 @@ no buffers, and construct under `torch.device("meta")`.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -227,10 +230,25 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.to(self.mean.device)
 
 
+# Half-precision dtypes whose results are checked for overflow; float32 and float64 are trusted as they come.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class VAEUpcastWarning(UserWarning):
+    """A half-precision VAE overflowed and now runs that direction in float32 (``AutoencoderKL``)."""
+
+
 class AutoencoderKL(nn.Module):
     """`first_stage_model` of an SD checkpoint: `encode` images in [-1, 1], `decode` raw latents.
 
     Latents here are raw; the diffusion model sees `latents * scale_factor`, and callers apply that factor.
+
+    Each direction computes in its own modules' dtype and returns the caller's dtype. SDXL's original VAE overflows
+    float16 inside the decoder (activations beyond 65504 that a later GroupNorm would bring back), which gives
+    inf/NaN images; so when a half-precision encode or decode comes out non-finite, that direction's modules
+    (encoder + quant_conv, or post_quant_conv + decoder) are converted to float32 for good, the call is redone, and
+    a `VAEUpcastWarning` says so, once per VAE. "fp16-fix" VAEs, finetuned not to overflow, stay in float16. To pay
+    for float32 from the start instead of one overflowing call, convert the VAE yourself: `pipe.vae.float()`.
     """
 
     def __init__(self, config: VAEConfig) -> None:
@@ -247,9 +265,35 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, images: Tensor) -> DiagonalGaussian:
         """images [B, in_channels, H, W] in [-1, 1], H and W multiples of the downsample factor."""
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
+        mean, logvar = self.moments(images).chunk(2, dim=1)
         return DiagonalGaussian(mean, logvar)
 
+    def moments(self, images: Tensor) -> Tensor:
+        """The posterior's mean and log-variance stacked on the channels [B, 2*z_channels, h, w], in the images'
+        dtype (what tiled encoding blends)."""
+        return self._guarded(images, lambda x: self.quant_conv(self.encoder(x)), (self.encoder, self.quant_conv),
+                             "encode")
+
     def decode(self, latents: Tensor) -> Tensor:
-        """Raw latents [B, z_channels, h, w] -> images [B, out_channels, h*f, w*f] in about [-1, 1], not clamped."""
-        return self.decoder(self.post_quant_conv(latents))
+        """Raw latents [B, z_channels, h, w] -> images [B, out_channels, h*f, w*f] in about [-1, 1], not clamped,
+        in the latents' dtype."""
+        return self._guarded(latents, lambda z: self.decoder(self.post_quant_conv(z)),
+                             (self.post_quant_conv, self.decoder), "decode")
+
+    def _guarded(self, x: Tensor, run: Callable[[Tensor], Tensor], modules: tuple[nn.Module, ...], what: str) -> Tensor:
+        """`run(x)` in the modules' dtype; a non-finite half-precision result upcasts the modules and runs again."""
+        dtype = next(modules[0].parameters()).dtype
+        out = run(x.to(dtype))
+        # One reduction (and, on a GPU, one sync) per call, paid by half-precision VAEs only.
+        if dtype in HALF_DTYPES and not torch.isfinite(out).all():
+            # Outside inference mode, or a caller's inference_mode would make the new weights inference tensors
+            # that no later in-place load (load_state_dict) may touch.
+            with torch.inference_mode(False), torch.no_grad():
+                for module in modules:
+                    module.float()
+            warnings.warn(f"the VAE's {str(dtype).removeprefix('torch.')} {what} gave inf/NaN (its activations "
+                          f"overflow that dtype, as SDXL's original VAE does in float16), so it was redone in float32 "
+                          f"and the VAE will {what} in float32 from now on; an fp16-fix VAE avoids the overflow",
+                          VAEUpcastWarning, stacklevel=3)
+            out = run(x.float())
+        return out.to(x.dtype)

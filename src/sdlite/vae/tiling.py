@@ -101,10 +101,8 @@ def encode_tiled(vae: AutoencoderKL, images: Tensor, *, tile: int = 512, overlap
     if images.shape[-1] <= tile and images.shape[-2] <= tile:
         return vae.encode(images)
     f = vae.config.downsample_factor
-
-    def moments(pixels: Tensor) -> Tensor:
-        return vae.quant_conv(vae.encoder(pixels))
-
+    # Tiles go through vae.moments / vae.decode, so a half-precision VAE that overflows on some tile is upcast
+    # there as it would be for a whole image, and every tile comes back in the caller's dtype.
     # Each stride-2 downsample floors odd sizes, so n pixels give n // f latents.
-    mean, logvar = _tiled(images, moments, tile, overlap, out_tile=tile // f, out_len=lambda n: n // f).chunk(2, 1)
+    mean, logvar = _tiled(images, vae.moments, tile, overlap, out_tile=tile // f, out_len=lambda n: n // f).chunk(2, 1)
     return DiagonalGaussian(mean, logvar)
