@@ -33,6 +33,7 @@ from ..checkpoint.files import TensorFile
 from ..checkpoint.materialize import materialize, plan
 from ..errors import CheckpointError
 from ..unet import UNetModel
+from ..conv import Conv2d
 from ..unet.model import build_encoder, embed_timesteps
 from ..unet.config import UNetEncoderConfig, config_from_fields, read_encoder_fields
 from . import preprocess
@@ -91,11 +92,11 @@ class ControlNet(nn.Module):
 
         # Conv stack at pixel resolution: two 3x3 convs per stage, the first of each later stage with stride 2,
         # SiLU between all of them (odd indices), and a last conv to the UNet's width.
-        hint: list[nn.Module] = [nn.Conv2d(c.hint_channels, c.hint_block_channels[0], 3, padding=1), nn.SiLU()]
+        hint: list[nn.Module] = [Conv2d(c.hint_channels, c.hint_block_channels[0], 3, padding=1), nn.SiLU()]
         for ch_in, ch_out in zip(c.hint_block_channels, c.hint_block_channels[1:]):
-            hint += [nn.Conv2d(ch_in, ch_in, 3, padding=1), nn.SiLU(),
-                     nn.Conv2d(ch_in, ch_out, 3, padding=1, stride=2), nn.SiLU()]
-        hint.append(nn.Conv2d(c.hint_block_channels[-1], c.model_channels, 3, padding=1))
+            hint += [Conv2d(ch_in, ch_in, 3, padding=1), nn.SiLU(),
+                     Conv2d(ch_in, ch_out, 3, padding=1, stride=2), nn.SiLU()]
+        hint.append(Conv2d(c.hint_block_channels[-1], c.model_channels, 3, padding=1))
         self.input_hint_block = nn.Sequential(*hint)
 
     @property

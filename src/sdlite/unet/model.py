@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..conv import Conv2d
 from .blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, timestep_embedding
 from .config import UNetConfig, UNetEncoderConfig
 
@@ -21,7 +22,7 @@ def build_encoder(module: nn.Module, c: UNetEncoderConfig) -> list[int]:
         module.label_emb = nn.Sequential(
             nn.Sequential(nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         )
-    module.input_blocks = nn.ModuleList([TimestepBlock(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
+    module.input_blocks = nn.ModuleList([TimestepBlock(Conv2d(c.in_channels, c.model_channels, 3, padding=1))])
     widths = [c.model_channels]
     ch = c.model_channels
     depths = iter(c.transformer_depth)
@@ -94,7 +95,7 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(TimestepBlock(*layers))
 
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(), nn.Conv2d(ch, c.out_channels, 3, padding=1))
+        self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlite.vae.config import NORM_GROUPS, VAEConfig
+from sdlite.conv import Conv2d
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -24,7 +25,7 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 def _conv3(in_channels: int, out_channels: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=padding)
+    return Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=padding)
 
 
 def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
