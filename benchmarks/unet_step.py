@@ -8,8 +8,9 @@ each implementation then runs in a fresh process that loads that file (diffusers
 so peak RSS on CPU belongs to one implementation alone. Warm-up runs are excluded; the median and the spread of
 the timed runs are printed, and the ratio sdlite/diffusers last.
 
-The building blocks (weights, loaders, the timed call, the timing loop) are those of the full suite,
-``benchmarks/suite.py`` (``python -m benchmarks run``); this script is its SD1.5 UNet step with a free batch and size.
+The building blocks (weights, loaders, the timed call, the timing loop) are those of the full suite
+(``python -m benchmarks run``: benchmarks/models.py, loaders.py, measure.py); this script is its SD1.5 UNet step
+with a free batch and size.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import tempfile
 
 import torch
 
-from benchmarks.suite import (DTYPES, MODELS, load_diffusers, load_sdlite, machine_name, make_call, time_calls,
-                              write_checkpoint)
+from benchmarks.loaders import load_diffusers, load_sdlite
+from benchmarks.measure import make_call, time_calls
+from benchmarks.models import DTYPES, MODELS, write_checkpoint
+from benchmarks.suite import machine_name
 
 
 def worker(impl: str, path: str, device: str, dtype_name: str, batch: int, size: int, warmup: int, reps: int) -> dict:

@@ -1,0 +1,200 @@
+"""One measurement: its inputs, the timed call, the timing loop, peak memory, UNet FLOPs, and the fresh process
+each measurement runs in (so that the process' peak RSS belongs to one implementation and one measurement)."""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks.loaders import load_diffusers, load_sdlite
+from benchmarks.models import DTYPES, MODELS, ModelSpec
+from benchmarks.txt2img import PROMPT, STEPS, WARMUP_STEPS, load_pipeline, txt2img_call
+
+IMPLS = ("diffusers", "sdlite")
+MEASUREMENTS = ("unet", "vae", "text", "txt2img")
+PATHS = ("eager", "compiled")
+COMPILABLE = ("unet", "txt2img")  # the measurements a compiled UNet changes
+
+
+def unet_inputs(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, batch: int = 2) -> dict:
+    """Latents, timesteps, text context and (SDXL) ADM vector for one step, seeded."""
+    g = torch.Generator().manual_seed(1)
+    side = spec.size // 8
+    inputs = dict(x=torch.randn(batch, 4, side, side, generator=g).to(device, dtype),
+                  t=torch.full((batch,), 500.0, device=device),
+                  context=torch.randn(batch, 77, spec.unet["context_dim"], generator=g).to(device, dtype))
+    if spec.adm:
+        pooled = torch.randn(batch, spec.pooled_width, generator=g)
+        time_ids = torch.tensor([spec.size, spec.size, 0, 0, spec.size, spec.size], dtype=torch.float32)
+        inputs.update(pooled=pooled.to(device, dtype), time_ids=time_ids.expand(batch, 6).to(device, dtype))
+    return inputs
+
+
+def _sdlite_adm(pooled: torch.Tensor, size: int) -> torch.Tensor:
+    """SDXL's y as sdlite's generation builds it: the pooled bigG vector, then the size/crop numbers embedded."""
+    from sdlite.generate import size_embedding
+
+    extra = [size, size, 0, 0, size, size]
+    return torch.cat([pooled, size_embedding(extra, pooled.shape[0]).to(pooled)], dim=1)
+
+
+def load(impl: str, measurement: str, spec: ModelSpec, path: str, device: str, dtype: torch.dtype):
+    """What the measurement runs: one component, or for txt2img the whole pipeline."""
+    if measurement == "txt2img":
+        return load_pipeline(impl, spec, path, device, dtype)
+    return (load_sdlite if impl == "sdlite" else load_diffusers)(measurement, spec, path, device, dtype)
+
+
+def make_call(impl: str, measurement: str, spec: ModelSpec, model, device: str, dtype: torch.dtype,
+              batch: int = 2, steps: int = STEPS) -> Callable:
+    """A no-argument function doing one measured operation; inputs are prepared here, outside the timing.
+    ``batch`` is the UNet step's batch (2: one CFG step), ``steps`` txt2img's sampling steps."""
+    if measurement == "txt2img":
+        return txt2img_call(impl, spec, model, steps)
+    if measurement == "unet":
+        i = unet_inputs(spec, device, dtype, batch)
+        if impl == "sdlite":
+            y = _sdlite_adm(i["pooled"], spec.size) if spec.adm else None
+            return lambda: model(i["x"], i["t"], i["context"], y=y)
+        added = dict(text_embeds=i["pooled"], time_ids=i["time_ids"]) if spec.adm else None
+        return lambda: model(i["x"], i["t"], encoder_hidden_states=i["context"], added_cond_kwargs=added,
+                             return_dict=False)[0]
+    if measurement == "vae":
+        g = torch.Generator().manual_seed(2)
+        z = torch.randn(1, 4, spec.size // 8, spec.size // 8, generator=g).to(device, dtype)
+        if impl == "sdlite":
+            return lambda: model.decode(z)
+        return lambda: model.decode(z, return_dict=False)[0]
+    if impl == "sdlite":
+        from sdlite.conditioning import encode_text
+
+        return lambda: encode_text([PROMPT], model, spec.family).context
+    from sdlite.clip import EOS, get_tokenizer
+
+    tokenizer = get_tokenizer()
+    if not spec.adm:  # SD1.5 / SD2.1: one model's last hidden state
+        pad = EOS if spec.family == "sd1" else 0
+        return lambda: model[0](tokenizer([PROMPT], pad_id=pad).to(device))[0]
+
+    def sdxl() -> torch.Tensor:  # both penultimate layers concatenated (bigG's forward also projects the pooled)
+        clip_l = model[0](tokenizer([PROMPT], pad_id=EOS).to(device), output_hidden_states=True)
+        big_g = model[1](tokenizer([PROMPT], pad_id=0).to(device), output_hidden_states=True)
+        return torch.cat([clip_l.hidden_states[-2], big_g.hidden_states[-2]], dim=-1)
+
+    return sdxl
+
+
+def compile_options(mode: str | None) -> dict:
+    """``StableDiffusion.compile``'s options for the UNet (static shapes, one graph), plus ``mode`` if given."""
+    return {"dynamic": False, "fullgraph": True, **({"mode": mode} if mode else {})}
+
+
+def compile_model(impl: str, measurement: str, model, mode: str | None) -> None:
+    """torch.compile the UNet in place: sdlite as ``pipe.compile()`` does, diffusers' UNet with the same options
+    (its UNet2DConditionModel compiles as one graph too)."""
+    if measurement == "txt2img":
+        if impl == "sdlite":
+            model.compile(**({"mode": mode} if mode else {}))
+        else:
+            model.unet.compile(**compile_options(mode))
+    else:
+        model.compile(**compile_options(mode))
+
+
+def count_unet_flops(spec: ModelSpec, batch: int = 2) -> int:
+    """FLOPs of one sdlite UNet step (a multiply-add counts 2), counted on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdlite.unet import UNetConfig, UNetModel
+
+    with torch.device("meta"):
+        model = UNetModel(UNetConfig(**spec.unet)).eval()
+    i = unet_inputs(spec, "meta", torch.float32, batch)
+    y = torch.empty(batch, spec.adm, device="meta") if spec.adm else None
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(i["x"], i["t"], i["context"], y=y)
+    return counter.get_total_flops()
+
+
+def peak_rss() -> int:
+    """This process' peak resident set size in bytes.
+
+    Linux: VmHWM of /proc/self/status, which starts afresh at exec. ``ru_maxrss`` does not: a child inherits its
+    parent's peak through fork+exec, so it would report at least the suite process' RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def time_calls(call: Callable, device: str, warmup: int, reps: int, warm: Callable | None = None) -> dict:
+    """Run ``warm`` (default: ``call``) ``warmup`` times untimed, then ``call`` ``reps`` times timed; times, the first
+    call's time (with torch.compile: the compilation), peak memory and a checksum of the last output.
+
+    Peak memory: CUDA ``max_memory_allocated`` since the warm-up ended; CPU this process' peak RSS (weights
+    included), which is why every measurement has a process of its own."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + reps):
+            if i == warmup and cuda:
+                torch.cuda.reset_peak_memory_stats()
+            sync()
+            start = time.perf_counter()
+            out = (warm or call)() if i < warmup else call()
+            sync()
+            times.append(time.perf_counter() - start)
+    timed = times[warmup:]
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
+    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed), "reps": reps,
+            "first_call_s": times[0], "peak_bytes": peak, "checksum": float(out.float().abs().mean())}
+
+
+def measure(impl: str, measurement: str, model_name: str, path: str, device: str, dtype_name: str, warmup: int,
+            reps: int, compiled: bool = False, compile_mode: str | None = None) -> dict:
+    """Load, (compile,) warm up, time ``reps`` calls of one measurement with one implementation.
+
+    Run in a fresh process. A compiled measurement gets at least one warm-up run, which holds the compilation;
+    txt2img warms up with short generations (``WARMUP_STEPS``) at the timed size."""
+    spec, dtype = MODELS[model_name], DTYPES[dtype_name]
+    start = time.perf_counter()
+    model = load(impl, measurement, spec, path, device, dtype)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - start
+    if compiled:
+        compile_model(impl, measurement, model, compile_mode)
+        warmup = max(warmup, 1)
+    call = make_call(impl, measurement, spec, model, device, dtype)
+    warm = make_call(impl, measurement, spec, model, device, dtype, steps=WARMUP_STEPS) \
+        if measurement == "txt2img" else None
+    return {"impl": impl, "measurement": measurement, "model": model_name, "dtype": dtype_name,
+            "path": "compiled" if compiled else "eager", "load_s": load_s,
+            **time_calls(call, device, warmup, reps, warm)}
+
+
+def run_measurement(impl: str, measurement: str, model_name: str, path: str, device: str, dtype_name: str,
+                    warmup: int, reps: int, compiled: bool = False, compile_mode: str | None = None) -> dict:
+    """``measure`` in a fresh Python process; its result comes back as the last line of stdout (JSON)."""
+    cmd = [sys.executable, "-m", "benchmarks", "measure", impl, measurement, model_name, path, "--device", device,
+           "--dtype", dtype_name, "--warmup", str(warmup), "--reps", str(reps)]
+    if compiled:
+        cmd += ["--compiled"] + (["--compile-mode", compile_mode] if compile_mode else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
