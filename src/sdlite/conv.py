@@ -62,12 +62,19 @@ def _even_split(total: int, most: int) -> int:
     return -(-total // parts)
 
 
-def _padded_channels_last(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """x [N, C, H, W] zero-padded by one pixel on the top and left and up to height x width, as [N, h, w, C]."""
+def _padded_rows(x: torch.Tensor, start: int, stop: int, width: int) -> torch.Tensor:
+    """Rows ``start:stop`` of ``x`` [N, C, H, W] zero-padded by one pixel at the top and left (and with zeros to
+    ``width`` columns and past the bottom), as a channels-last [N, stop - start, width, C] band.
+
+    Bands rather than one padded copy of the whole input: on a VAE-sized map that copy would be one more full-size
+    feature map at the memory peak.
+    """
     n, c, h, w = x.shape
-    padded = x.new_zeros(n, height, width, c)
-    padded[:, 1:h + 1, 1:w + 1] = x.permute(0, 2, 3, 1)
-    return padded
+    band = x.new_zeros(n, stop - start, width, c)
+    first, last = max(start - 1, 0), min(stop - 1, h)  # the image rows inside the band
+    if last > first:
+        band[:, first + 1 - start:last + 1 - start, 1:w + 1] = x[:, :, first:last].permute(0, 2, 3, 1)
+    return band
 
 
 def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -88,14 +95,13 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     rows = _even_split(th, BLOCK_BYTES // (per_value * n * tw * c))  # tile rows per band
     cols = _even_split(co, BLOCK_BYTES // (per_value * max(c, n * rows * tw)))  # output channels per block
 
-    padded = _padded_channels_last(x, m * th + 2, m * tw + 2)
     kernels = weight.reshape(co * c, 9).T  # [9, C_out·C_in], a view
     out = x.new_empty(n, m * th, m * tw, co)
     for r0 in range(0, th, rows):
         r1 = min(th, r0 + rows)
         tiles = n * (r1 - r0) * tw
         # [N, rows, tw, C, a, a] overlapping tiles (a view) -> [a², tiles·C] -> Bᵀ d B
-        d = padded[:, m * r0:m * r1 + 2].unfold(1, a, m).unfold(2, a, m)
+        d = _padded_rows(x, m * r0, m * r1 + 2, m * tw + 2).unfold(1, a, m).unfold(2, a, m)
         v = (kb @ d.permute(4, 5, 0, 1, 2, 3).reshape(a * a, tiles * c)).view(a * a, tiles, c)
         band = out[:, m * r0:m * r1].view(n, r1 - r0, m, tw, m, co)
         for c0 in range(0, co, cols):
@@ -123,7 +129,6 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"gemm_conv3x3 needs a [C_out, {c}, 3, 3] kernel for {c} input channels, "
                          f"got {list(weight.shape)}")
     ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
-    padded = _padded_channels_last(x, h + 2, w + 2)
     kernel = weight.reshape(co, 9 * c).T  # a view
     out = x.new_empty(n, ho, wo, co)
     row_bytes = wo * 9 * c * x.element_size()  # one output row's patches
@@ -134,7 +139,8 @@ def gemm_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         blocks = [(slice(i, i + 1), r0, min(ho, r0 + rows)) for i in range(n) for r0 in range(0, ho, rows)]
     for images, r0, r1 in blocks:
         # [n, rows, wo, C, 3, 3] patches (a view) -> [n·rows·wo, 9·C]
-        patches = padded[images, r0 * stride:(r1 - 1) * stride + 3].unfold(1, 3, stride).unfold(2, 3, stride)
+        band = _padded_rows(x[images], r0 * stride, (r1 - 1) * stride + 3, w + 2)
+        patches = band.unfold(1, 3, stride).unfold(2, 3, stride)
         target = out[images, r0:r1].view(-1, co)
         if bias is None:
             torch.mm(patches.reshape(-1, 9 * c), kernel, out=target)
