@@ -164,7 +164,8 @@ def fast_path(conv: nn.Conv2d, x: torch.Tensor) -> str | None:
         for tile in (4, 2):
             if n * -(-h // tile) * -(-w // tile) >= MIN_TILES[tile]:
                 return f"winograd{tile}"
-    if conv.weight.numel() * x.element_size() >= GEMM_MIN_KERNEL_BYTES:
+    # from the layer's shape, not its weight: a LoRA parametrization would compute the weight anew on each access
+    if conv.out_channels * conv.in_channels * 9 * x.element_size() >= GEMM_MIN_KERNEL_BYTES:
         return "gemm"
     return None
 

@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-__all__ = ["Offload", "Visit"]
+__all__ = ["Offload", "Visit", "move"]
 
 
 class Offload:
@@ -35,7 +35,7 @@ class Offload:
         for module in modules:
             _, count = self._users.get(id(module), (module, 0))
             if count == 0:
-                _move(module, self.device)
+                move(module, self.device)
             self._users[id(module)] = (module, count + 1)
 
     def release(self, modules: Iterable[nn.Module]) -> None:
@@ -46,7 +46,7 @@ class Offload:
             _, count = self._users[id(module)]
             if count == 1:
                 del self._users[id(module)]
-                _move(module, self.offload_device)
+                move(module, self.offload_device)
             else:
                 self._users[id(module)] = (module, count - 1)
 
@@ -59,7 +59,8 @@ class Offload:
         return f"Offload(device={str(self.device)!r}, offload_device={str(self.offload_device)!r})"
 
 
-def _move(module: nn.Module, device: torch.device) -> None:
+def move(module: nn.Module, device: torch.device) -> None:
+    """``module.to(device)`` outside inference mode."""
     # Moves happen inside the sampler's inference_mode (the refiner's handoff) or a caller's; weights copied there
     # would become inference tensors, which a later LoRA merge (an in-place copy outside that mode) may not touch.
     with torch.inference_mode(False), torch.no_grad():

@@ -18,7 +18,7 @@ from .conditioning import Conditioning, encode_text
 from .generate import Hires, Job, Result, generate
 from .images import outpaint_canvas
 from .infotext import model_hash
-from .offload import Offload, Visit
+from .offload import Offload, Visit, move
 
 class StableDiffusion:
     """A Stable Diffusion checkpoint loaded from its original single file.
@@ -73,7 +73,7 @@ class StableDiffusion:
             raise RuntimeError("cannot change the offload while a component is on the execution device")
         self._offload = Offload(device, offload_device)
         for module in self._components():
-            module.to(self._offload.offload_device)
+            move(module, self._offload.offload_device)
         return self
 
     def disable_offload(self) -> "StableDiffusion":
@@ -85,7 +85,7 @@ class StableDiffusion:
             raise RuntimeError("cannot turn offload off while a component is on the execution device")
         device, self._offload = self._offload.device, None
         for module in self._components():
-            module.to(device)
+            move(module, device)
         return self
 
     def using(self, *modules: nn.Module | None) -> Visit:

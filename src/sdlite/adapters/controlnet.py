@@ -31,9 +31,9 @@ from torch import nn
 from ..checkpoint import identify, open_tensor_file
 from ..checkpoint.files import TensorFile
 from ..checkpoint.materialize import materialize, plan
+from ..conv import Conv2d
 from ..errors import CheckpointError
 from ..unet import UNetModel
-from ..conv import Conv2d
 from ..unet.model import build_encoder, embed_timesteps
 from ..unet.config import UNetEncoderConfig, config_from_fields, read_encoder_fields
 from . import preprocess
