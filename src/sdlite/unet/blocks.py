@@ -43,7 +43,8 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
         # GroupNorm's output is a fresh tensor whose backward does not need it, so SiLU after it works in place:
-        # one feature-map allocation fewer per SiLU.
+        # one feature-map allocation fewer per SiLU. (A module standing in for the norm must return a new tensor,
+        # as every layer with weights does.)
         self.in_layers = nn.Sequential(
             normalization(channels), nn.SiLU(inplace=True), Conv2d(channels, out_channels, 3, padding=1)
         )
