@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import sdlite
-from sdlite.checkpoint import TensorFile, open_tensor_file, plan_components
+from sdlite.checkpoint import TensorFile, open_tensor_file
+from sdlite.checkpoint.load import plan_components
 from sdlite.errors import CheckpointError, ShapeMismatchError, UnsafePickleError
 
 from sdfiles import FULL_UNETS, UNETS, build, full_key_set
