@@ -79,7 +79,8 @@ class Family:
         return {"num_heads": self.num_heads} if self.num_heads is not None else {"head_dim": self.head_dim}
 
     def adm_width(self, pooled_width: int) -> int | None:
-        """``y``'s width for a pooled vector of ``pooled_width`` (the UNet's ``label_emb.0.0.weight`` input), or None."""
+        """``y``'s width (the UNet's ``label_emb.0.0.weight`` input) for a pooled vector ``pooled_width`` wide, or
+        None for families without ``y``."""
         return pooled_width + ADM_EMBED_DIM * len(self.adm_fields) if self.adm_fields else None
 
     def adm_values(self, *, original_size: tuple[int, int], crop: tuple[int, int], target_size: tuple[int, int],
