@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from ..checkpoint import identify, open_tensor_file
+from ..checkpoint.family_table import heads_for_context
 from ..checkpoint.files import TensorFile
 from ..checkpoint.materialize import materialize, plan
+from ..checkpoint.shapes import ShapeReader
 from ..conv import Conv2d
 from ..errors import CheckpointError
 from ..unet import UNetModel
@@ -62,16 +64,18 @@ class ControlNetConfig(UNetEncoderConfig):
             raise ValueError(f"hint block stages {self.hint_block_channels} do not downsample x{HINT_DOWNSAMPLING}")
 
 
-def infer_controlnet_config(sd) -> ControlNetConfig:
-    """Read a ControlNetConfig from the shapes of a state dict in the original layout (``control_model.`` removed)."""
-    fields = read_encoder_fields(sd, "ControlNet")
+def infer_controlnet_config(sd, *, prefix: str = "") -> ControlNetConfig:
+    """Read a ControlNetConfig from the shapes of a state dict in the original layout (``control_model.`` removed;
+    ``prefix`` names it in messages). Heads follow the UNet's rule for the context width (docs/formats.md §5)."""
+    shape = ShapeReader(sd, "ControlNet", prefix)
+    fields = read_encoder_fields(shape)
     convs = sorted(int(m[1]) for m in map(re.compile(r"^input_hint_block\.(\d+)\.weight$").match, sd) if m)
     if not convs or convs != list(range(0, 2 * len(convs), 2)) or len(convs) % 2:
-        raise CheckpointError(None, f"ControlNet input_hint_block has convolutions at {convs}, expected an even "
-                                    "number of them at indices 0, 2, 4, … (SiLU between)")
-    fields["hint_channels"] = sd["input_hint_block.0.weight"].shape[1]
-    fields["hint_block_channels"] = tuple(sd[f"input_hint_block.{i}.weight"].shape[0] for i in convs[:-1:2])
-    return config_from_fields(ControlNetConfig, fields, "ControlNet")
+        raise CheckpointError(None, f"ControlNet {shape.file_key('input_hint_block')} has convolutions at {convs}, "
+                                    "expected an even number of them at indices 0, 2, 4, … (SiLU between)")
+    fields["hint_channels"] = shape("input_hint_block.0.weight", ndim=4)[1]
+    fields["hint_block_channels"] = tuple(shape(f"input_hint_block.{i}.weight", ndim=4)[0] for i in convs[:-1:2])
+    return config_from_fields(ControlNetConfig, fields, heads_for_context, "ControlNet")
 
 
 def _conv1x1(channels: int) -> nn.Sequential:
@@ -205,7 +209,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     with open_tensor_file(path) as tf:
         try:
             view, prefix = _layout(tf)
-            config = infer_controlnet_config(view.meta(prefix))
+            config = infer_controlnet_config(view.meta(prefix), prefix=prefix)
             p = plan(view, lambda: ControlNet(config), prefix, name="ControlNet")
         except CheckpointError as e:
             if e.path is None:
