@@ -26,15 +26,15 @@ from PIL import Image
 from . import images as im
 from .guidance import GuidedDenoiser, Handoff, StepState
 from .init_image import masked_pixels, prepare_image
-from .job import FILL_MODES, IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Hires, Job, Result, resolve_seed
-from .prompting import Prompts, find_lora, size_embedding
+from .job import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Hires, Job, Result, resolve_seed
+from .prompting import Prompts, size_embedding
 from .rng import ImageNoise
 from .schedulers import get_sampler, get_sampler_and_sigmas
 from .unet_call import UNetCall
 from .vae.tiling import decode_tiled, encode_tiled
 
-__all__ = ["FILL_MODES", "IMAGE_UPSCALERS", "LATENT_UPSCALE_MODES", "Generation", "Hires", "Job", "Latents", "Result",
-           "find_lora", "generate", "resolve_seed", "size_embedding"]
+# Hires, Job, Result, size_embedding: re-exported for the pipeline, sdlite's front and the benchmarks.
+__all__ = ["Generation", "Hires", "Job", "Latents", "Result", "generate", "size_embedding"]
 
 
 @dataclass

@@ -56,11 +56,11 @@ def sample_dpm_adaptive_over_sigmas(model, x, sigmas, extra_args=None, callback=
 class Sampler:
     """One sampler as A1111 1.10 runs it.
 
-    ``schedule``: what the "Automatic" schedule type means for it (unused by the timestep samplers). ``options``: the keyword defaults A1111 passes
-    (its "Eta for ancestral samplers" 1.0, "Eta for DDIM" 0.0, …). ``noise``: ``"ancestral"`` draws from
-    ``noise_sampler`` (A1111: the per-image generators), ``"brownian"`` wants a Brownian tree seeded with the image
-    seeds, ``"none"`` draws nothing. ``discard_penultimate_sigma``: A1111 computes one step more and drops the
-    next-to-last σ. ``second_order``: two model calls per step, which A1111's prompt schedules count.
+    ``schedule``: what the "Automatic" schedule type means for it (unused by the timestep samplers; resolved by
+    :meth:`schedule_for`). ``options``: the keyword defaults A1111 passes (its "Eta for ancestral samplers" 1.0,
+    "Eta for DDIM" 0.0, …). ``noise``: ``"ancestral"`` draws from ``noise_sampler`` (A1111: the per-image
+    generators), ``"brownian"`` wants a Brownian tree seeded with the image seeds, ``"none"`` draws nothing.
+    ``discard_penultimate_sigma``: A1111 computes one step more and drops the next-to-last σ. ``second_order``: two model calls per step, which A1111's prompt schedules count.
     ``uses_ensd``: A1111 writes "ENSD" into the infotext. ``grid``: ``"schedule"`` (any schedule type),
     ``"sigma_range"`` (DPM fast/adaptive: only the σ range and step count are used), ``"compvis"``/``"unipc"``
     (A1111's timestep samplers: own grid whatever the schedule type, VP-scaled latents). ``lcm``: needs
