@@ -387,11 +387,10 @@ class Generation:
         cond_at = self.conditioning(job.width, job.height, self.schedule_steps(job.steps))
         # A1111's step accounting: the last int(strength·steps) + 1 steps of a `steps`-step schedule.
         run_steps = int(min(job.denoising_strength, 0.999) * job.steps) + 1
+        # A1111 blends the original latent back at every step for inpainting checkpoints too (its CFGDenoiser gets
+        # the mask whenever there is one), and once more after sampling (inside ``sample``).
         samples = self.sample(init_latent, noise, cond_at, total_steps=job.steps, run_steps=run_steps,
-                              image_cond=image_cond,
-                              mask=None if self.pipe.is_inpaint else mask)
-        if mask is not None and self.pipe.is_inpaint:
-            samples = init_latent * (1 - mask) + samples * mask
+                              image_cond=image_cond, mask=mask)
         return samples, prep["finish"]
 
     def _prepare_image(self) -> dict:
