@@ -65,7 +65,8 @@ class Reference:
 
     @property
     def scale(self) -> float:
-        return VAE.scale_factor
+        """The latent scale: sgm's SDXL configs use 0.13025, ldm's SD 1.x/2.x configs 0.18215."""
+        return 0.13025 if self.built.family.startswith("sdxl") else 0.18215
 
     # --- text (A1111's chunk of 77: start, tokens, end, then padding) ---
 
