@@ -144,11 +144,11 @@ def test_refiner_handoff_by_sampling_steps_matches_the_reference(xl):
     assert max_pixel_diff(got.images[0], xl["refiner"][1].to_images(expected)[0]) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="known discrepancy: A1111 1.10 switches to the refiner when (999 − t)/1000 ≥ "
-                   "switch_at, t the training timestep nearest the call's σ (its default; 'switch by sampling steps' "
-                   "uses calls/total ≥ switch_at); sdlite's Handoff switches when calls/total > switch_at. With 4 "
-                   "Euler steps and 0.5 A1111 hands the last two calls to the refiner, sdlite only the last (and none "
-                   "at the default 0.8)")
+@pytest.mark.xfail(strict=True, reason="known discrepancy: since A1111 PR #14978 (1.9, so 1.10 too) the refiner takes "
+                   "over when (999 − t)/1000 ≥ switch_at, t the training timestep nearest the call's σ (the option "
+                   "'switch by sampling steps' keeps calls/total ≥ switch_at); sdlite's Handoff switches when "
+                   "calls/total > switch_at. With 4 Euler steps and 0.5 A1111 hands the last two calls to the "
+                   "refiner, sdlite only the last (and none at the default 0.8)")
 def test_refiner_handoff_by_sigma_matches_the_reference(xl):
     got, expected, used = handoff(xl, 0.5, by_steps=False)
     assert used == ["base"] * 2 + ["refiner"] * 2
