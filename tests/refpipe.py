@@ -70,11 +70,6 @@ class Reference:
 
     # --- text (A1111's chunk of 77: start, tokens, end, then padding) ---
 
-    def tokens(self, texts: list[str], pad: int) -> torch.Tensor:
-        ids = open_clip.tokenize(texts)
-        ids[ids == 0] = pad
-        return ids
-
     def weighted_tokens(self, fragments: list[tuple[str, float]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A1111 tokenizes each emphasis fragment on its own and gives its tokens the fragment's weight."""
         ids, weights = [], []
@@ -194,10 +189,10 @@ class Noise:
         self.make = make or (lambda seed: torch.Generator().manual_seed(seed))
         self.generators = [self.make(s) for s in self.seeds]
 
-    def draw(self, generator, shape=None) -> torch.Tensor:
-        if hasattr(generator, "randn"):
-            return generator.randn(shape or self.shape)
-        return torch.randn(shape or self.shape, generator=generator)
+    def draw(self, generator) -> torch.Tensor:
+        if hasattr(generator, "randn"):  # NVIDIA's Philox port
+            return generator.randn(self.shape)
+        return torch.randn(self.shape, generator=generator)
 
     def first(self) -> torch.Tensor:
         x = torch.stack([self.draw(g) for g in self.generators])

@@ -102,7 +102,8 @@ def files(sd1, tmp_path_factory):
     from sdlite.adapters.controlnet import create_from_unet
 
     net = randomize_(create_from_unet(pipe.unet), 3)
-    save_file({f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()}, str(d / "control.safetensors"))
+    save_file({f"control_model.{k}": v.contiguous() for k, v in net.state_dict().items()},
+              str(d / "control.safetensors"))
     save_file({k: v.contiguous() for k, v in sdlite.vae.AutoencoderKL(VAE).state_dict().items()},
               str(d / "vae.safetensors"))
     main(["txt2img", str(path), "a dune", "--width", "64", "--height", "64", "--steps", "2", "--seed", "3", "-o",

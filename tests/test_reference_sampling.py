@@ -157,6 +157,6 @@ def test_ensd_and_noise_sources(sd1, source):
     c, u = ref.encode(["a river"]), ref.encode([""])
     check(ref, got, txt2img(ref, lambda _: c, u, [41, 42], 3, ks.sample_euler_ancestral, ancestral=True,
                             noise=noise))
-    plain = pipe.txt2img("a river", width=64, height=64, steps=3, cfg_scale=5.0, sampler="Euler a", seed=41, batch_size=2,
-                          rng=source)
+    plain = pipe.txt2img("a river", width=64, height=64, steps=3, cfg_scale=5.0, sampler="Euler a", seed=41,
+                         batch_size=2, rng=source)
     assert rel_err(plain.latents, got.latents) > 1e-3  # the delta changed the ancestral noise

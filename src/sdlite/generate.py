@@ -2,7 +2,7 @@
 
 The four differ only in the initial latent, the sigma range and the mask: txt2img starts from noise at the first
 sigma; img2img from the encoded image plus noise at a later sigma (A1111's step accounting for denoising strength);
-inpaint adds a mask (latent blending for ordinary checkpoints, masked-image conditioning for inpainting ones); hires
+inpaint adds a mask (latent blending at every step; inpainting checkpoints also get masked-image conditioning); hires
 fix is a txt2img pass followed by an img2img pass on the upscaled latent.
 """
 

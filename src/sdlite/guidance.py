@@ -2,9 +2,8 @@
 
 Cond and uncond go through the UNet as one batch; with composable prompts (AND) each part is a cond of its own and
 denoised = uncond + Σᵢ wᵢ·cfg·(condᵢ − uncond) (Liu et al. 2022, "Compositional Visual Generation with Composable
-Diffusion Models"). For inpainting with an ordinary checkpoint the prediction is blended with the original latent
-outside the mask at every step; inpainting checkpoints get their masked-image conditioning concatenated to the UNet
-input instead.
+Diffusion Models"). For inpainting the prediction is blended with the original latent outside the mask at every
+step; inpainting checkpoints also get their masked-image conditioning concatenated to the UNet input.
 """
 
 from __future__ import annotations
