@@ -2,8 +2,8 @@
 
 The four differ only in the initial latent, the sigma range and the mask: txt2img starts from noise at the first
 sigma; img2img from the encoded image plus noise at a later sigma (A1111's step accounting for denoising strength);
-inpaint adds a mask (latent blending for ordinary checkpoints, masked-image conditioning for inpainting ones); hires
-fix is a txt2img pass followed by an img2img pass on the upscaled latent. Each mode returns :class:`Latents`.
+inpaint adds a mask (latent blending at every step; inpainting checkpoints also get masked-image conditioning);
+hires fix is a txt2img pass followed by an img2img pass on the upscaled latent. Each mode returns :class:`Latents`.
 
 Every pass runs the same chain (``sdlite.guidance`` draws it): a :class:`~sdlite.schedulers.SamplingPass` calls a
 :class:`~sdlite.guidance.GuidedDenoiser` (or a :class:`~sdlite.guidance.Handoff` between the base model's and the
@@ -223,10 +223,10 @@ class Generation:
         cond_at = self.prompts.cond_at(self.pipe, job.width, job.height, self.calls(job.steps))
         # A1111's step accounting: the last int(strength·steps) + 1 steps of a `steps`-step schedule.
         run_steps = int(min(job.denoising_strength, 0.999) * job.steps) + 1
+        # A1111 blends the original latent back at every step for inpainting checkpoints too (its CFGDenoiser gets
+        # the mask whenever there is one), and once more after sampling (inside ``sample``).
         samples = self.sample(init_latent, noise, cond_at, total_steps=job.steps, run_steps=run_steps,
-                              image_cond=image_cond, mask=None if self.pipe.is_inpaint else mask)
-        if mask is not None and self.pipe.is_inpaint:
-            samples = init_latent * (1 - mask) + samples * mask
+                              image_cond=image_cond, mask=mask)
         return Latents(samples, prep.finish)
 
     def _inpaint_conditioning(self, pixels: torch.Tensor, mask_image: Image.Image | None) -> torch.Tensor:

@@ -9,9 +9,9 @@ The chain of one pass, outermost first::
 
 Cond and uncond go through the UNet as one batch; with composable prompts (AND) each part is a cond of its own and
 denoised = uncond + Σᵢ wᵢ·cfg·(condᵢ − uncond) (Liu et al. 2022, "Compositional Visual Generation with Composable
-Diffusion Models"). For inpainting with an ordinary checkpoint the prediction is blended with the original latent
-outside the mask at every step; inpainting checkpoints get their masked-image conditioning concatenated to the UNet
-input instead (``UNetCall``).
+Diffusion Models"). When there is a mask the prediction is blended with the original latent outside it at every step,
+for inpainting checkpoints too, which also get their masked-image conditioning concatenated to the UNet input
+(``UNetCall``).
 
 A wrapper that changes how the prediction is formed (MultiDiffusion windows, regional prompts) takes the place of
 the ``denoiser`` a :class:`GuidedDenoiser` is given: it receives ``(x, sigma, context=, y=, cond_rows=)`` and

@@ -147,7 +147,8 @@ class StableDiffusion:
                 strength: float = 0.75, **options) -> Result:
         """Regenerate the white part of ``mask``. Options: mask_blur=4, invert_mask, inpaint_fill ("original",
         "fill", "latent noise", "latent nothing"), only_masked, only_masked_padding=32, mask_weight=1, and img2img's.
-        Inpainting checkpoints get the masked image as conditioning; others blend latents with the mask each step.
+        Latents are blended with the mask at every step; inpainting checkpoints also get the masked image as
+        conditioning.
         Unmasked pixels of the result are the original's."""
         return self._run(prompt, dict(options, negative_prompt=negative_prompt, init_image=image, mask=mask,
                                       denoising_strength=strength))
