@@ -2,7 +2,8 @@
 weights, and gradient checkpointing of the UNet's blocks.
 
 Schedules (as kohya sd-scripts and diffusers name them): "constant", "linear" (to 0 at the last step) and "cosine"
-(half a cosine to 0, Loshchilov & Hutter 2017), each after ``warmup`` steps of linear warm-up from 0.
+(half a cosine to 0, Loshchilov & Hutter 2017), each after ``warmup`` steps of linear warm-up from 0, with the
+step counting of diffusers' ``get_scheduler`` (which kohya uses too).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
     if schedule not in SCHEDULES:
         raise ValueError(f"lr schedule must be one of {SCHEDULES}, not {schedule!r}")
     if step < warmup:
-        return (step + 1) / (warmup + 1)
+        return step / warmup
     if schedule == "constant":
         return 1.0
     progress = (step - warmup) / max(1, total - warmup)
@@ -40,8 +41,9 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, total: int,
 
 
 class EMA:
-    """Exponential moving average of parameters, shadow ← d·shadow + (1−d)·param, with the warm-up diffusers' EMAModel
-    uses: d = min(decay, (1 + n)/(10 + n)) at update n, so that early averages are not dominated by the start."""
+    """Exponential moving average of parameters, shadow ← d·shadow + (1−d)·param, with the warm-up of diffusers'
+    EMAModel: at the k-th update d = min(decay, k/(9 + k)), 0 at the first (the average starts at the first trained
+    weights rather than at the initial ones)."""
 
     def __init__(self, named: Iterable[tuple[str, nn.Parameter]], decay: float):
         self.decay, self.updates = decay, 0
@@ -50,10 +52,11 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        n = self.updates - 1
+        d = 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
         for name, p in self.params.items():
             self.shadow[name].lerp_(p.detach().float(), 1 - d)
-        self.updates += 1
 
     @contextlib.contextmanager
     def swapped(self) -> Iterator[None]:
