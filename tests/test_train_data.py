@@ -11,8 +11,8 @@ from diffusers.models.embeddings import Timesteps
 from PIL import Image
 
 from sdlite.train.batches import Augment, Batches, LatentCache, epoch_order
-from sdlite.train.buckets import bucket_sizes, place
-from sdlite.train.conditioning import adm_vector
+from sdlite.train.data import bucket_sizes, place
+from sdlite.train.batches import adm_vector
 from sdlite.train.data import DataError, ImageFolder, vary_caption
 from sdlite.vae import AutoencoderKL
 

@@ -91,7 +91,8 @@ class SameEveryTime(LoraMethod):
     """Every sample's loss at the same noise and timestep: micro-batches of one and a batch of two see the same."""
 
     def loss(self, r, batch):
-        noise = torch.randn(batch.latents.shape[1:], generator=torch.Generator().manual_seed(0)).expand_as(batch.latents)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(batch.latents.shape[1:], generator=g).expand_as(batch.latents)
         context, y = r.condition(batch)
         t = torch.full((batch.latents.shape[0],), 300)
         return sdlite.train.denoising_loss(r.pipe, batch.latents, context, noise, t, y)

@@ -225,3 +225,29 @@ def test_cli_trains_and_reports_bad_data(models, data, tmp_path, capsys):
                             "--resolution", "64", "--output", str(tmp_path / "x.safetensors")])
     assert code == 2 and "0.png: no caption" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_every_trained_layer_gets_a_gradient(models, data, tmp_path, family):
+    """The parametrizations act however a layer is used: called as a module, or read directly (the UNet's
+    ``pointwise`` reads proj_in/proj_out weights), and through the text encoders' stacked q;k;v."""
+    pipe = models[family].pipe
+    method = LoraMethod(2, 2, conv_rank=2, text_encoder=True)
+    run = build_run(pipe, data, method, tmp_path / "g.safetensors", prompt="a photo", resolution=64)
+    for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
+        module.requires_grad_(False)
+    method.attach(pipe)
+    try:
+        run.denoising_loss(run.batches[0]).mean().backward()
+        ups = {n: p.grad for n, p in method.named_parameters().items() if n.endswith("lora_up.weight")}
+        # SDXL's context is the penultimate layers: CLIP-L's last layer feeds nothing, bigG's only the pooled vector
+        unused = "lora_te1_text_model_encoder_layers_2_" if family == "sdxl" else "-"
+        missing = [n for n, g in ups.items() if not n.startswith(unused) and (g is None or not g.any())]
+        assert not missing and any("proj_in" in n for n in ups)
+    finally:
+        method.detach()
+    assert not any(parametrize_is_on(m) for m in pipe.unet.modules())
+
+
+def parametrize_is_on(module) -> bool:
+    return bool(getattr(module, "parametrizations", None))

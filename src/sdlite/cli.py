@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(sub.add_parser("inpaint", help="regenerate the masked part of an image"), image=True, mask=True)
     info = sub.add_parser("info", help="what a checkpoint, LoRA, embedding or PNG is")
     info.add_argument("file")
-    from .train.command import add_train_parser, run_train
+    from .train.api import add_train_parser, run_train
 
     add_train_parser(sub)
     args = parser.parse_args(argv)

@@ -3,19 +3,32 @@ each batch holds one bucket's size, with per-step caption variation and mirrorin
 
 The order is a function of the seed and the step alone (the epoch's shuffle is seeded by seed and epoch, a step's
 caption and flip draws by seed and step), so a resumed run sees exactly the batches an uninterrupted one would.
+
+What the UNet is conditioned on during training: the captions' text context and, for SDXL, the ADM vector.
+
+Captions are encoded with each family's layer rule, as at inference (SD1: last layer through the final norm; SD2:
+penultimate through ln_final; SDXL: CLIP-L and bigG penultimate layers concatenated, bigG's pooled projection), in
+chunks of 75 tokens, but as plain text: brackets are not read as emphasis, as kohya sd-scripts trains by default.
+Gradients flow into the text encoders when any of their parameters train (text-encoder LoRA). SDXL's ADM vector
+is built per image from its original size, its crop and its bucket (Podell et al. 2023, "micro-conditioning"),
+with the same size embedding the generation code uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
 from ..checkpoint.files import open_tensor_file
 from ..checkpoint.write import save_safetensors
+from ..conditioning import Conditioning, _encode, chunk_prompt
+from ..generate import size_embedding
 from .data import ImageFolder, vary_caption
 
 
@@ -120,10 +133,6 @@ class Batches:
             self._epochs = {epoch: epoch_order(self.data, self.batch_size, self.seed, epoch)}
         return self._epochs[epoch]
 
-    def epoch_of(self, step: int) -> int:
-        per_epoch = len(self._order(0))
-        return step // per_epoch
-
     def __getitem__(self, step: int) -> Batch:
         per_epoch = len(self._order(0))
         indices = self._order(step // per_epoch)[step % per_epoch]
@@ -139,3 +148,25 @@ class Batches:
                      original_sizes=[(e.size[1], e.size[0]) for e in examples],
                      crops=[(e.placement.crop[1], e.placement.crop[0]) for e in examples],
                      target_size=(bucket[1], bucket[0]), indices=list(indices))
+
+
+def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
+    """Text context [B, 77·k, D] (and pooled [B, P] for SDXL) of training captions."""
+    trains = any(p.requires_grad for encoder in pipe.text_encoders for p in encoder.parameters())
+    rows = [chunk_prompt(c, emphasis="None") for c in captions]
+    with contextlib.nullcontext() if trains else torch.no_grad(), pipe.using(*pipe.text_encoders):
+        return _encode(rows, [1] * len(rows), pipe.text_encoders, pipe.family, clip_skip, None, "None")
+
+
+def adm_vector(pipe, pooled: torch.Tensor | None, original_sizes: Sequence[tuple[int, int]],
+               crops: Sequence[tuple[int, int]], target_size: tuple[int, int],
+               aesthetic_score: float = 6.0) -> torch.Tensor | None:
+    """SDXL's ADM vector per image: pooled ⊕ emb(original h, w) ⊕ emb(crop top, left) ⊕ emb(target h, w) (the
+    refiner: ⊕ emb(aesthetic score) instead of the target size); None for families without one."""
+    if pooled is None or not pipe.family.startswith("sdxl"):
+        return None
+    rows = []
+    for (oh, ow), (top, left) in zip(original_sizes, crops):
+        tail = [target_size[0], target_size[1]] if pipe.family == "sdxl" else [aesthetic_score]
+        rows.append(size_embedding([oh, ow, top, left, *tail], 1))
+    return torch.cat([pooled, torch.cat(rows).to(pooled)], dim=1)

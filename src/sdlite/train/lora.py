@@ -34,7 +34,8 @@ _ARCHITECTURE = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
 
 class LoraMethod(Method):
     """kohya-style LoRA: ``rank``/``alpha`` for linear and 1x1 layers, ``conv_rank``/``conv_alpha`` for 3x3 convs
-    (LoCon; None: not trained), ``text_encoder`` to train the text encoders too (``text_encoder_lr``, default ``lr``)."""
+    (LoCon; None: not trained), ``text_encoder`` to train the text encoders too (``text_encoder_lr``, default
+    ``lr``)."""
 
     name = "lora"
 

@@ -1,5 +1,7 @@
 """What a training run shows and leaves behind besides its result: the progress line (step, loss, it/s, ETA), the loss
-log as CSV and the loss curve as a PNG drawn with PIL, next to the output file."""
+log as CSV and the loss curve as a PNG drawn with PIL, next to the output file; and sample images every N steps: the
+run's prompts generated through ``pipe.txt2img`` with the weights as they are at that step, saved as PNGs with their
+A1111 infotext next to the output (``<output stem>-samples/``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import torch
+from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..checkpoint.write import atomic_path
 
@@ -48,12 +51,6 @@ def write_csv(path: Path, rows: list[LogRow]) -> None:
         out.writerow(["step", "loss", "lr", "elapsed_s"])
         for r in rows:
             out.writerow([r.step, f"{r.loss:.6g}", f"{r.lr:.6g}", f"{r.elapsed:.3f}"])
-
-
-def read_csv(path: Path) -> list[LogRow]:
-    with open(path, newline="") as f:
-        return [LogRow(int(r["step"]), float(r["loss"]), float(r["lr"]), float(r["elapsed_s"]))
-                for r in csv.DictReader(f)]
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
@@ -113,3 +110,31 @@ def draw_loss_curve(path: Path, rows: list[LogRow], size: tuple[int, int] = (800
     draw.text(((left + right) // 2 - 15, size[1] - 18), "step", fill="black")
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
+
+
+def write_png(path: Path, image, infotext: str) -> Path:
+    """A PNG with its infotext in the "parameters" text chunk (where A1111 writes it), written atomically."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", infotext)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+    return path
+
+
+def write_samples(run, step: int) -> list[Path]:
+    """One image per sample prompt at the training resolution, seeded with the run's seed; returns the paths."""
+    c, pipe = run.config, run.pipe
+    folder = run.output.parent / f"{run.output.stem}-samples"
+    folder.mkdir(exist_ok=True)
+    side = run.batches.data.resolution
+    training = pipe.unet.training
+    pipe.unet.eval()
+    paths = []
+    try:
+        with torch.no_grad():
+            for i, prompt in enumerate(c.sample_prompts):
+                result = pipe.txt2img(prompt, width=side, height=side, steps=c.sample_steps, seed=c.seed + i)
+                paths.append(write_png(folder / f"step{step:06d}-{i}.png", result.images[0], result.infotexts[0]))
+    finally:
+        pipe.unet.train(training)
+    return paths
