@@ -9,7 +9,7 @@ What the UNet is conditioned on during training: the captions' text context and,
 Captions are encoded with each family's layer rule, as at inference (SD1: last layer through the final norm; SD2:
 penultimate through ln_final; SDXL: CLIP-L and bigG penultimate layers concatenated, bigG's pooled projection), in
 chunks of 75 tokens, but as plain text: brackets are not read as emphasis, as kohya sd-scripts trains by default.
-Gradients flow into the text encoders when any of their parameters train (text-encoder LoRA). SDXL's ADM vector
+Gradients flow into the text encoders when the method trains them (text-encoder LoRA). SDXL's ADM vector
 is built per image from its original size, its crop and its bucket (Podell et al. 2023, "micro-conditioning"),
 with the same size embedding the generation code uses.
 """
@@ -150,11 +150,11 @@ class Batches:
                      target_size=(bucket[1], bucket[0]), indices=list(indices))
 
 
-def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1) -> Conditioning:
-    """Text context [B, 77·k, D] (and pooled [B, P] for SDXL) of training captions."""
-    trains = any(p.requires_grad for encoder in pipe.text_encoders for p in encoder.parameters())
+def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1, grad: bool = False) -> Conditioning:
+    """Text context [B, 77·k, D] (and pooled [B, P] for SDXL) of training captions; ``grad``: keep the graph, for
+    methods that train the text encoders."""
     rows = [chunk_prompt(c, emphasis="None") for c in captions]
-    with contextlib.nullcontext() if trains else torch.no_grad(), pipe.using(*pipe.text_encoders):
+    with contextlib.nullcontext() if grad else torch.no_grad(), pipe.using(*pipe.text_encoders):
         return _encode(rows, [1] * len(rows), pipe.text_encoders, pipe.family, clip_skip, None, "None")
 
 

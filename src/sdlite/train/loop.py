@@ -74,6 +74,7 @@ class Method:
     """A training method: which parameters train, how a batch becomes a loss, how the result is saved."""
 
     name = "method"
+    trains_text = False  # whether gradients must flow through the text encoders
 
     def attach(self, pipe) -> list[dict]:
         """Make the method's parameters trainable (float32) on ``pipe``; returns AdamW parameter groups."""
@@ -128,7 +129,7 @@ class Run:
     def condition(self, batch: Batch, captions: list[str] | None = None):
         """(context, y) of a batch's captions (or of ``captions``), with SDXL's size conditioning."""
         cond = encode_captions(self.pipe, captions if captions is not None else batch.captions,
-                               clip_skip=self.config.clip_skip)
+                               clip_skip=self.config.clip_skip, grad=self.method.trains_text)
         return cond.context, adm_vector(self.pipe, cond.pooled, batch.original_sizes, batch.crops, batch.target_size)
 
     def denoising_loss(self, batch: Batch, **overrides) -> torch.Tensor:

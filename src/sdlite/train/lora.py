@@ -52,6 +52,7 @@ class LoraMethod(Method):
         self.conv_rank = conv_rank
         self.conv_alpha = float(conv_alpha if conv_alpha is not None else (conv_rank or 1))
         self.unet, self.text_encoder = unet, text_encoder
+        self.trains_text = text_encoder
         self.unet_lr, self.text_encoder_lr = unet_lr, text_encoder_lr
         self.save_precision = save_precision
         self.layers: list[tuple[LoraTarget, LoraWeights]] = []
@@ -92,7 +93,7 @@ class LoraMethod(Method):
         return save_safetensors(path, tensors, kohya_metadata(r, self, tensors), inputs=[r.pipe.path])
 
     def detach(self) -> None:
-        detach_all([t.target for t, _ in self.layers])
+        detach_all([(t.target, w) for t, w in self.layers])
         self.layers = []
 
 

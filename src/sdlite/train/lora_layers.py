@@ -1,11 +1,15 @@
-"""Trainable LoRA layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") as parametrizations of
-the original modules' weights.
+"""Trainable LoRA layers (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") on the original
+modules, which keep their class, name and place.
 
-Each adapted weight W is replaced, through ``torch.nn.utils.parametrize``, by W + (α/r)·up·down, where down [r, in(, k,
-k)] starts kaiming-uniform (a = √5) and up [out, r(, 1, 1)] at zero, as kohya initialises them, so training starts from
-the unchanged model. A parametrization changes what ``module.weight`` returns, so the LoRA acts however the layer is
-used: called as a module, or read by code that takes its weight directly (the UNet's ``pointwise``), and the module
-keeps its class, its name and its place. open_clip's stacked q;k;v ``in_proj_weight`` gets one LoRA per third.
+A LoRA adds (α/r)·up·down to a layer, down [r, in(, k, k)] starting kaiming-uniform (a = √5) and up [out, r(, 1, 1)]
+at zero, as kohya initialises them, so training starts from the unchanged model. Two ways of adding it, one result:
+
+* on the layer's output, y + (α/r)·up(down(x)), by a forward hook, for layers that are called as modules: the
+  low-rank path costs a few small products, and no weight-sized tensor is made or kept for the backward pass;
+* on the weight, W + (α/r)·up·down, by a ``torch.nn.utils.parametrize`` parametrization, for weights that code reads
+  directly: the UNet's ``pointwise`` takes proj_in/proj_out's weights (unet/blocks.py), open_clip's attention its
+  stacked q;k;v ``in_proj_weight`` (one LoRA per third). A parametrization acts however the weight is used, so these
+  stay right if that code comes to call the modules.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -29,6 +34,7 @@ class LoraWeights(nn.Module):
         self.down = nn.Parameter(torch.empty(rank, inp, *kernel))
         self.up = nn.Parameter(torch.zeros(out, rank, *[1] * len(kernel)))
         nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        self.hook = None  # the forward hook's handle, when the LoRA acts on the layer's output
 
     @property
     def scale(self) -> float:
@@ -37,6 +43,25 @@ class LoraWeights(nn.Module):
     def delta(self) -> torch.Tensor:
         # [out, r] @ [r, in·k·k] → the weight's shape (a 3x3 down with a 1x1 up is the conv-of-conv kohya merges)
         return (self.up.flatten(1) @ self.down.flatten(1)).view(self.shape) * self.scale
+
+    def forward(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """The change to ``layer``'s output for input ``x``: (α/r)·up(down(x)), the down with the layer's geometry."""
+        down, up = self.down.to(x.dtype), self.up.to(x.dtype)
+        if isinstance(layer, nn.Conv2d):
+            h = F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+            return F.conv2d(h, up) * self.scale
+        return F.linear(F.linear(x, down), up.flatten(1)) * self.scale
+
+
+# Weights read by code rather than through their module's call (see the module docstring).
+_READ_DIRECTLY = (".proj_in", ".proj_out")
+
+
+def _on_output(lora: LoraWeights):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + lora(args[0], module).to(output.dtype)
+
+    return hook
 
 
 class AddLora(nn.Module):
@@ -70,10 +95,14 @@ class AddLora(nn.Module):
 
 
 def attach(target: Target, rank: int, alpha: float) -> LoraWeights:
-    """A new trainable LoRA on ``target`` (float32, on the weight's device), registered as a parametrization."""
+    """A new trainable LoRA on ``target`` (float32, on the weight's device), as a forward hook or a parametrization
+    (see the module docstring)."""
     module, name = target.module, target.weight
     weight = stored_parameter(module, name)
     lora = LoraWeights(target.shape, rank, alpha).to(weight.device)
+    if target.rows is None and not target.path.endswith(_READ_DIRECTLY):
+        lora.hook = module.register_forward_hook(_on_output(lora))
+        return lora
     existing = _own_parametrization(module, name)
     if existing is None:
         existing = AddLora()
@@ -88,9 +117,12 @@ def _own_parametrization(module: nn.Module, name: str) -> AddLora | None:
     return next((p for p in module.parametrizations[name] if isinstance(p, AddLora)), None)
 
 
-def detach_all(targets: list[Target]) -> None:
-    """Remove the training parametrizations from every target, leaving the original weights untouched."""
-    for target in targets:
+def detach_all(layers: list[tuple[Target, LoraWeights]]) -> None:
+    """Take every LoRA off its layer (hooks and parametrizations), leaving the original weights untouched."""
+    for target, lora in layers:
+        if lora.hook is not None:
+            lora.hook.remove()
+            continue
         module, name = target.module, target.weight
         own = _own_parametrization(module, name)
         if own is None:
