@@ -3,6 +3,7 @@
     sdlite txt2img model.safetensors "a cat drinking a pint of beer" --steps 20 --seed 1 -o cat.png
     sdlite txt2img model.safetensors --from-png cat.png -o again.png      # the settings stored in a PNG
     sdlite info model.safetensors                                          # what a checkpoint/LoRA/embedding/PNG is
+    sdlite train lora model.safetensors data/ --rank 16 --alpha 8 --output style.safetensors   # see sdlite.train
 """
 
 from __future__ import annotations
@@ -185,10 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(sub.add_parser("inpaint", help="regenerate the masked part of an image"), image=True, mask=True)
     info = sub.add_parser("info", help="what a checkpoint, LoRA, embedding or PNG is")
     info.add_argument("file")
+    from .train.api import add_train_parser, run_train
+
+    add_train_parser(sub)
     args = parser.parse_args(argv)
     from .errors import SdliteError
 
     try:
+        if args.command == "train":
+            return run_train(args)
         return run_info(args) if args.command == "info" else run_generation(args)
     except (SdliteError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"sdlite: error: {e}", file=sys.stderr)

@@ -1,0 +1,17 @@
+"""Training on the original modules: the denoising loss, data folders, the training loop and its methods.
+
+    import sdlite.train
+    loss = sdlite.train.denoising_loss(pipe, latents, context, noise, timesteps)   # per-sample [B]
+    result = sdlite.train.lora("model.safetensors", "data/", output="style.safetensors", rank=16, alpha=8, steps=500)
+
+A method (``sdlite.train.loop.Method``) says which parameters train, how a batch becomes a loss and how the result is
+saved; ``sdlite.train.api.build_run`` and ``sdlite.train.loop.Run`` do the rest for every method.
+"""
+
+from __future__ import annotations
+
+from .loop import Method, Result, Run, TrainConfig
+from .loss import denoising_loss
+from .lora import LoraMethod, lora
+
+__all__ = ["denoising_loss", "lora", "LoraMethod", "Method", "Result", "Run", "TrainConfig"]
