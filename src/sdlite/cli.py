@@ -3,6 +3,7 @@
     sdlite txt2img model.safetensors "a cat drinking a pint of beer" --steps 20 --seed 1 -o cat.png
     sdlite txt2img model.safetensors --from-png cat.png -o again.png      # the settings stored in a PNG
     sdlite info model.safetensors                                          # what a checkpoint/LoRA/embedding/PNG is
+    sdlite merge a.safetensors b.safetensors -m 0.3 -o ab.safetensors      # and convert, extract-lora, … (tools)
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 import time
 
 from PIL import Image, PngImagePlugin
+
+from .tools import commands as tools
 
 
 class ProgressBar:
@@ -173,10 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     _generation_args(sub.add_parser("inpaint", help="regenerate the masked part of an image"), image=True, mask=True)
     info = sub.add_parser("info", help="what a checkpoint, LoRA, embedding or PNG is")
     info.add_argument("file")
+    tools.add_parsers(sub)
     args = parser.parse_args(argv)
     from .errors import SdliteError
 
     try:
+        if args.command in tools.COMMANDS:
+            print(tools.run(args, ProgressBar()))
+            return 0
         return run_info(args) if args.command == "info" else run_generation(args)
     except (SdliteError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"sdlite: error: {e}", file=sys.stderr)
