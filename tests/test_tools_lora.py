@@ -216,5 +216,6 @@ def test_cli_extract_resize_merge(models, tmp_path, capsys):
     assert main(["merge-lora", f"{lora}:0.5", f"{tmp_path / 'y.safetensors'}:0.5", "-o",
                  str(tmp_path / "z.safetensors")]) == 0
     with safe_open(str(tmp_path / "z.safetensors"), "pt") as f:
-        assert f.metadata()["ss_network_dim"] == "Dynamic"
+        assert f.metadata()["ss_network_module"] == "networks.lora"
+        assert f.get_tensor("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight").shape[0] > 4  # 4 + 1…2
     assert main(["merge", str(model.original), "--lora", f"{lora}:1", "-o", str(tmp_path / "m.safetensors")]) == 0
