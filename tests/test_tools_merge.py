@@ -170,3 +170,14 @@ def test_cli_merge_and_refusals(files, tmp_path, capsys):
     assert "never overwrites" in capsys.readouterr().err and files["a"].read_bytes() == before
     assert main(["merge", str(files["a"]), str(files["b"]), "--blocks", "1,2,3", "-o", str(tmp_path / "y")]) == 2
     assert "block weights" in capsys.readouterr().err
+
+
+def test_pickled_inputs_merge_like_safetensors_and_stay_untouched(files, tmp_path):
+    b = load_file(str(files["b"]))
+    torch.save({"state_dict": b}, tmp_path / "b.ckpt")
+    before = (tmp_path / "b.ckpt").read_bytes()
+    from_ckpt = merge_checkpoints(files["a"], tmp_path / "b.ckpt", output=tmp_path / "p.safetensors", multiplier=0.3)
+    from_st = merge_checkpoints(files["a"], files["b"], output=tmp_path / "s.safetensors", multiplier=0.3)
+    got, want = load_file(str(from_ckpt.path)), load_file(str(from_st.path))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "b.ckpt").read_bytes() == before

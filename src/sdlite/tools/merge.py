@@ -27,7 +27,7 @@ import torch
 
 from ..adapters.lora import lora_hash, match_lora
 from ..checkpoint import identify, open_tensor_file, plan_components
-from ..checkpoint.files import TensorFile
+from ..checkpoint.files import SafetensorsFile, TensorFile
 from ..checkpoint.write import check_output, stream_safetensors
 from ..errors import CheckpointError
 from ..infotext import model_hash, old_model_hash
@@ -180,11 +180,15 @@ def merge_checkpoints(a: str | os.PathLike, b: str | os.PathLike | None = None, 
                 if merged and not (fc is not None and key not in fc):
                     m = factor(key)
                     other = fb.read(key, value.dtype)
+                    if not isinstance(fb, SafetensorsFile):  # a pickle's tensors are the file's own: keep them
+                        other = other.clone()
                     part = value[:, :4] if other.shape != value.shape else value
+                    # In place, one float32 copy of B besides A's: the same operations as A + M·(B − C) and
+                    # (1 − M)·A + M·B, so the same bits, with less memory at the largest tensors.
                     if fc is not None:
-                        part.copy_(part + m * (other - fc.read(key, value.dtype)))
+                        part.add_(other.sub_(fc.read(key, value.dtype)).mul_(m))
                     else:
-                        part.copy_((1 - m) * part + m * other)
+                        part.mul_(1 - m).add_(other.mul_(m))
                 if key in changes:
                     value = _apply_loras(value, changes[key])
                 yield value.to(result_dtype(key))
