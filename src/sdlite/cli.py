@@ -4,6 +4,7 @@
     sdlite txt2img model.safetensors --from-png cat.png -o again.png      # the settings stored in a PNG
     sdlite info model.safetensors                                          # what a checkpoint/LoRA/embedding/PNG is
     sdlite train lora model.safetensors data/ --rank 16 --alpha 8 --output style.safetensors   # see sdlite.train
+    sdlite merge a.safetensors b.safetensors -m 0.3 -o ab.safetensors      # and convert, extract-lora, … (tools)
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 import time
 
 from PIL import Image, PngImagePlugin
+
+from .tools import commands as tools
 
 
 class ProgressBar:
@@ -189,12 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     from .train.api import add_train_parser, run_train
 
     add_train_parser(sub)
+    tools.add_parsers(sub)
     args = parser.parse_args(argv)
     from .errors import SdliteError
 
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command in tools.COMMANDS:
+            print(tools.run(args, ProgressBar()))
+            return 0
         return run_info(args) if args.command == "info" else run_generation(args)
     except (SdliteError, ValueError, TypeError, FileNotFoundError) as e:
         print(f"sdlite: error: {e}", file=sys.stderr)

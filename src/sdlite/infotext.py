@@ -104,11 +104,11 @@ def read_infotext(source: str | os.PathLike | Image.Image) -> dict[str, Any]:
     return parse_infotext(text)
 
 
-def model_hash(path: str | os.PathLike) -> str:
-    """A1111's "Model hash": the first 10 hex digits of the file's sha256."""
+def model_hash(path: str | os.PathLike, full: bool = False) -> str:
+    """A1111's "Model hash": the first 10 hex digits of the file's sha256 (all 64 when ``full``)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest() if full else digest.hexdigest()[:10]
 

@@ -365,12 +365,19 @@ def apply_lora(unet: nn.Module, text_encoders: Sequence[nn.Module], path: str | 
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    lora = read_lora(path)
-    plan, report = _match(lora, KeyMap(unet, text_encoders))
-    _refuse(lora, report, plan, family, strict)
+    lora, plan, report = match_lora(unet, text_encoders, path, family=family, strict=strict)
     handle = LoraHandle(lora.path, mode, weight, te_weight, report, applied)
     handle._attach(plan)
     return handle
+
+
+def match_lora(unet: nn.Module, text_encoders: Sequence[nn.Module], path: str | os.PathLike, *, family: str,
+               strict: bool = True) -> tuple[LoraFile, list[tuple[LayerUpdate, Target]], LoraReport]:
+    """A LoRA file's layers paired with the weights they change (modules may be on meta), refused as apply_lora does."""
+    lora = read_lora(path)
+    plan, report = _match(lora, KeyMap(unet, text_encoders))
+    _refuse(lora, report, plan, family, strict)
+    return lora, plan, report
 
 
 def lora_hash(path: str | os.PathLike, full: bool = False) -> str:

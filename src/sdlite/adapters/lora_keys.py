@@ -269,6 +269,73 @@ class KeyMap:
         return self._text[index].resolve(path) if index < len(self._text) else None
 
 
+# --- the inverse: an sdlite module → the name kohya gives it --------------------------------------------------------
+
+_KOHYA_RESNET = {v: k for k, v in _UNetNames._RESNET.items()}
+_KOHYA_OPENCLIP = {"attn_out_proj": "self_attn_out_proj", "mlp_c_fc": "mlp_fc1", "mlp_c_proj": "mlp_fc2"}
+
+
+def kohya_name(family: str, component: str, module_key: str, *, third: str | None = None,
+               num_res_blocks: Sequence[int] = (2, 2, 2, 2)) -> str:
+    """The kohya ``lora_name`` of an sdlite module: the inverse of the mapping above (FORMATS.md 3.1, 3.5).
+
+    ``module_key`` is the module's path inside its component (``input_blocks.1.1.proj_in``,
+    ``text_model.encoder.layers.0.mlp.fc1``, ``transformer.resblocks.3.attn.out_proj``). ``third`` ("q", "k", "v")
+    picks a third of an open_clip ``attn`` (its stacked ``in_proj_weight``), which kohya names as HF CLIP's separate
+    projection. SD 1.x/2.x UNet layers get diffusers names, which depend on the res blocks per level
+    (``num_res_blocks``, the released models' by default); SDXL's keep their original names.
+    """
+    flat = module_key.replace(".", "_")
+    if component != "unet":
+        if family in ("sd1", "sd2", "sdxl-refiner"):
+            prefix = "lora_te_"
+        else:
+            prefix = f"lora_{component}_"
+        if flat.startswith("transformer_resblocks_"):  # open_clip tower: kohya writes HF CLIP names
+            n, rest = re.fullmatch(r"transformer_resblocks_(\d+)_(.+)", flat).groups()
+            rest = f"self_attn_{third}_proj" if third else _KOHYA_OPENCLIP[rest]
+            flat = f"text_model_encoder_layers_{n}_{rest}"
+        return prefix + flat
+    if family.startswith("sdxl"):
+        return "lora_unet_" + flat
+    return "lora_unet_" + _diffusers_unet_name(flat, list(num_res_blocks))
+
+
+def _diffusers_unet_name(flat: str, counts: list[int]) -> str:
+    """Original UNet path (flat) → diffusers path (flat), for the UNet layout of ``counts`` res blocks per level."""
+    fixed = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+             "time_embed_2": "time_embedding_linear_2"}
+    if flat in fixed:
+        return fixed[flat]
+    if (m := re.fullmatch(r"middle_block_(\d+)_(.+)", flat)) is not None:
+        if m[2] in _KOHYA_RESNET:  # the middle block's res blocks are its first and last layers
+            return f"mid_block_resnets_{0 if m[1] == '0' else 1}_{_KOHYA_RESNET[m[2]]}"
+        return f"mid_block_attentions_0_{m[2]}"
+    m = re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_(\d+)_(.+)", flat)
+    if m is None:
+        raise ValueError(f"{flat!r} is not a UNet layer kohya names")
+    part, block, layer, rest = m[1], int(m[2]), int(m[3]), m[4]
+    inner = (f"resnets_{{}}_{_KOHYA_RESNET[rest]}" if layer == 0 and rest in _KOHYA_RESNET
+             else f"attentions_{{}}_{rest}")
+    if part == "input_blocks":
+        start = 1
+        for level, n in enumerate(counts):
+            if block < start + n:
+                return f"down_blocks_{level}_" + inner.format(block - start)
+            if block == start + n and rest == "op":
+                return f"down_blocks_{level}_downsamplers_0_conv"
+            start += n + 1
+    else:
+        start = 0
+        for level, n in enumerate(reversed(counts)):
+            if block <= start + n:
+                if layer > 0 and rest == "conv":
+                    return f"up_blocks_{level}_upsamplers_0_conv"
+                return f"up_blocks_{level}_" + inner.format(block - start)
+            start += n + 1
+    raise ValueError(f"{flat!r} lies outside a UNet of {counts} res blocks per level")
+
+
 # --- which family a LoRA was made for, asked only when it does not fit the model -----------------------------------
 
 FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
