@@ -15,6 +15,7 @@ from .adapters.lora import LoraHandle, apply_lora
 from .checkpoint import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .conditioning import Conditioning, encode_text
+from .data import BUILTIN_MODELS, builtin_model
 from .generate import Hires, Job, Result, generate
 from .images import outpaint_canvas
 from .infotext import model_hash
@@ -30,8 +31,10 @@ class StableDiffusion:
     """
 
     def __init__(self, path: str, family: str, prediction: str, unet: nn.Module, vae: nn.Module,
-                 text_encoders: list[nn.Module], set_aside: list[str] | None = None, unknown: list[str] | None = None):
+                 text_encoders: list[nn.Module], set_aside: list[str] | None = None, unknown: list[str] | None = None,
+                 metadata: dict[str, str] | None = None):
         self.path, self.family, self.prediction = path, family, prediction
+        self.metadata = metadata or {}  # the file's safetensors metadata
         self.unet, self.vae, self.text_encoders = unet, vae, text_encoders
         self.set_aside, self.unknown = set_aside or [], unknown or []
         self.embeddings: EmbeddingSet | None = None
@@ -103,7 +106,11 @@ class StableDiffusion:
 
     @property
     def native_size(self) -> int:
-        """The side the family was trained at: 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
+        """The side the model was trained at, which generation defaults to: the file's ``modelspec.resolution``
+        when it is square ("64x64"), else the family's: 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
+        width, _, height = self.metadata.get("modelspec.resolution", "").partition("x")
+        if width.strip().isdigit() and width.strip() == height.strip():
+            return int(width)
         if self.family.startswith("sdxl"):
             return 1024
         return 768 if self.family == "sd2" and self.prediction == "v" else 512
@@ -230,9 +237,12 @@ class StableDiffusion:
                                embeddings=self.embeddings)
 
 
-def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load(path: str | os.PathLike = "shapes", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          prediction: str | None = None, offload: bool = False) -> StableDiffusion:
     """Load an original SD 1.x / 2.x / XL (base, refiner, inpainting) checkpoint, ``.safetensors`` or ``.ckpt``.
+
+    ``"shapes"`` (the default) is sdlite's built-in model, packaged with it (``sdlite.data``); a file of that name
+    in the working folder is ``"./shapes"``.
 
     The architecture is read from the tensor shapes; no config file and no network are used. ``prediction``
     ("eps" or "v") overrides the guess for SD 2.x 768-v models. ``offload=True`` loads the weights into CPU memory
@@ -241,6 +251,9 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     inf/NaN result (``sdlite.vae.AutoencoderKL``); ``pipe.vae.float()`` chooses that up front.
     Errors are ``sdlite.errors.CheckpointError``.
     """
+    if isinstance(path, str) and path in BUILTIN_MODELS:
+        path = builtin_model(path)
     c = load_components(path, device="cpu" if offload else device, dtype=dtype, prediction=prediction)
-    pipe = StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown)
+    pipe = StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown,
+                           c.metadata)
     return pipe.enable_offload(device) if offload else pipe
