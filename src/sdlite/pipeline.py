@@ -26,6 +26,7 @@ class StableDiffusion:
 
     ``family`` is "sd1", "sd2", "sdxl" or "sdxl-refiner"; ``prediction`` is "eps" or "v"; ``unet``, ``vae`` and
     ``text_encoders`` are plain modules whose ``state_dict()`` keys are the file's keys minus the component prefix.
+    ``metadata`` is the file's safetensors metadata (``modelspec.*``, ``ss_*``; empty for pickles).
     ``device`` is where generation computes: the UNet's device, or the execution device when offload is on
     (``enable_offload``).
     """

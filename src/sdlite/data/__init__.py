@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointError
+from . import shapes  # noqa: F401  (sdlite.data.shapes after a plain `import sdlite`)
 
 BUILTIN_MODELS = ("shapes",)
 MODELS_DIR = Path(__file__).parent  # where the packaged model files are (package data, see pyproject.toml)

@@ -95,29 +95,28 @@ def _pick(rng: np.random.Generator, options: Sequence):
     return options[int(rng.integers(len(options)))]
 
 
-def _objects(rng: np.random.Generator, split: str, shapes: Sequence[str], form: str) -> Scene:
+def _scene(rng: np.random.Generator, split: str, shapes: Sequence[str], form: str) -> Scene:
     """Draw a scene's attributes for ``split``: rejection sampling keeps held-out combinations out of "train"."""
-    positions = ("left", "right") if form == "pair" else tuple(POSITIONS)
+    sizes = tuple(SIZES)
     while True:
         if split == "held_out":
-            held = sorted(c for c in HELD_OUT if c[1] in shapes)
-            colour, shape, bg = _pick(rng, held)
-            first = Obj(colour, shape, _pick(rng, tuple(SIZES)), positions[0] if form == "pair" else _pick(rng, positions))
+            colour, shape, bg = _pick(rng, sorted(c for c in HELD_OUT if c[1] in shapes))
         else:
             bg = _pick(rng, COLOURS)
-            first = Obj(_pick(rng, [c for c in COLOURS if c != bg]), _pick(rng, shapes), _pick(rng, tuple(SIZES)),
-                        positions[0] if form == "pair" else _pick(rng, positions))
-        objs = [first]
+            colour, shape = _pick(rng, [c for c in COLOURS if c != bg]), _pick(rng, shapes)
         if form == "pair":
-            objs.append(Obj(_pick(rng, [c for c in COLOURS if c != bg]), _pick(rng, shapes), _pick(rng, tuple(SIZES)),
-                            "right"))
-            if rng.random() < 0.5:  # the held-out object may stand on either side
-                objs = [Obj(o.colour, o.shape, o.size, p) for o, p in zip(reversed(objs), positions)]
-        if (objs[0].colour, objs[0].shape) == (objs[-1].colour, objs[-1].shape) and len(objs) == 2:
-            continue  # two identical objects read ambiguously; draw again
+            other = (_pick(rng, [c for c in COLOURS if c != bg]), _pick(rng, shapes))
+            if other == (colour, shape):
+                continue  # two identical objects would make "to the left of" unreadable
+            pair = [(colour, shape), other]
+            if rng.random() < 0.5:
+                pair.reverse()  # the first-drawn (held-out) object stands on either side
+            objs = tuple(Obj(c, s, _pick(rng, sizes), p) for (c, s), p in zip(pair, ("left", "right")))
+        else:
+            objs = (Obj(colour, shape, _pick(rng, sizes), _pick(rng, tuple(POSITIONS))),)
         if split == "train" and any((o.colour, o.shape, bg) in HELD_OUT for o in objs):
             continue
-        return Scene(bg, tuple(objs))
+        return Scene(bg, objs)
 
 
 def sample(rng: np.random.Generator | int, split: str = "train", shapes: Sequence[str] = SHAPES,
@@ -139,7 +138,7 @@ def sample(rng: np.random.Generator | int, split: str = "train", shapes: Sequenc
     names = list(forms)
     weights = np.array([forms[n] for n in names], dtype=float)
     form = names[int(rng.choice(len(names), p=weights / weights.sum()))]
-    scene = _objects(rng, split, tuple(shapes), form)
+    scene = _scene(rng, split, tuple(shapes), form)
     return Sample(render(scene, rng), caption(scene, form), scene)
 
 
