@@ -16,6 +16,11 @@ Made to read generated images as well as drawn ones, so every step tolerates noi
    the two coverage maps): a template fit, which sees the fill ratio of the box and much more besides (a star
    and a triangle fill their boxes alike at low resolution but overlap differently); the best overlap is ``fit``;
 6. size from the box's longer side, position from the box centre's nearest anchor.
+
+Limits, measured on the data set: drawn images are read exactly; with a 0.6-pixel Gaussian blur and pixel noise of
+σ 8 about 1 sample in 600 is misread; with a 1-pixel blur and σ 15 about 10% are, mostly small stars read as
+circles (their points blur away); independent per-pixel noise of σ 25 breaks the segmentation for the closest
+colour pairs (orange and yellow).
 """
 
 from __future__ import annotations
@@ -86,11 +91,11 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
         labels = spread
 
 
-def _window3(values: np.ndarray) -> np.ndarray:
-    """The 3x3 neighbourhood of every pixel (edges repeated), stacked on a new first axis."""
-    padded = np.pad(values, [(1, 1), (1, 1)] + [(0, 0)] * (values.ndim - 2), mode="edge")
-    h, w = values.shape[:2]
-    return np.stack([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)])
+def _median3(values: np.ndarray) -> np.ndarray:
+    """3x3 median of a 2-d array (edges repeated)."""
+    padded = np.pad(values, 1, mode="edge")
+    h, w = values.shape
+    return np.median(np.stack([padded[dy:dy + h, dx:dx + w] for dy in range(3) for dx in range(3)]), axis=0)
 
 
 def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
@@ -118,17 +123,17 @@ def _split(component: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
     cores = []
     for label in np.unique(labels[component]):
         core = ~_dilate(~(component & (labels == label)), 2)
-        if core.sum() >= 4:
+        if core.sum() >= MIN_AREA:
             cores.append(core)
     if len(cores) < 2:
         return [component]
-    left = component & ~np.any(cores, axis=0)
-    while left.any():
+    rest = component & ~np.any(cores, axis=0)
+    while rest.any():
         grown = False
         for core in cores:
-            new = _dilate(core, 1) & left
+            new = _dilate(core, 1) & rest
             core |= new
-            left &= ~new
+            rest &= ~new
             grown |= bool(new.any())
         if not grown:
             break
@@ -174,7 +179,7 @@ def describe(image: Image.Image) -> Description:
     bg = int(counts.argmax())
     away = np.sqrt(((pixels - _RGB[bg]) ** 2).sum(-1))
     nearest_other = min(float(np.sqrt(((_RGB[i] - _RGB[bg]) ** 2).sum())) for i in range(len(_RGB)) if i != bg)
-    candidates = np.median(_window3(away), axis=0) > 0.4 * nearest_other
+    candidates = _median3(away) > 0.4 * nearest_other
     distance[..., bg] = np.inf
     objects = distance.argmin(-1)  # each pixel's nearest colour other than the background's
     pieces = [piece for component in _components(candidates) if component.sum() >= MIN_AREA
