@@ -18,7 +18,7 @@ Made to read generated images as well as drawn ones, so every step tolerates noi
 6. size from the box's longer side, position from the box centre's nearest anchor.
 
 Limits, measured on the data set: drawn images are read exactly; with a 0.6-pixel Gaussian blur and pixel noise of
-σ 8 about 1 sample in 600 is misread; with a 1-pixel blur and σ 15 about 10% are, mostly small stars read as
+σ 8 at most 1 sample in 800 is misread; with a 1-pixel blur and σ 15 about 10% are, mostly small stars read as
 circles (their points blur away); independent per-pixel noise of σ 25 breaks the segmentation for the closest
 colour pairs (orange and yellow).
 """
