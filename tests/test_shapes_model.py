@@ -7,6 +7,7 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -16,7 +17,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 import sdlite
 import sdlite.data
 from sdlite.checkpoint.write import save_safetensors
-from sdlite.data import recipe
+from sdlite.data import recipe, shapes
 from sdlite.errors import CheckpointError
 
 from conftest import randomize_, rel_err
@@ -96,6 +97,21 @@ def test_unet_and_vae_match_diffusers(model_file):
         assert rel_err(vae.encode(images).mean, reference.encode(images).latent_dist.mean) < 1e-4
         latents = torch.randn(1, 4, 8, 8, generator=g)
         assert rel_err(vae.decode(latents), reference.decode(latents).sample) < 1e-4
+
+
+def test_fit_latent_scale_changes_the_latent_unit_not_the_images():
+    torch.manual_seed(0)
+    vae = randomize_(recipe.build()[1], 5).eval()
+    data = shapes.dataset(8, seed=0)
+    images = torch.stack([torch.from_numpy(np.array(item.image)).permute(2, 0, 1).float() / 127.5 - 1 for item in data])
+    with torch.no_grad():
+        before = vae.encode(images).sample(torch.Generator().manual_seed(1))
+        decoded = vae.decode(before)
+        k = recipe.fit_latent_scale(vae, images, seed=1)  # measured on the same draw as `before`
+        after = vae.encode(images).sample(torch.Generator().manual_seed(1))
+        assert rel_err(after, k * before) < 1e-5  # mean and std both scaled by k: the same draw, k times larger
+        assert abs((after * 0.18215).std().item() - 1) < 1e-3  # what SD 1.x's fixed factor expects
+        assert rel_err(vae.decode(after), decoded) < 1e-5
 
 
 def test_builtin_model_not_trained_yet_is_a_clear_error(monkeypatch, tmp_path):

@@ -50,9 +50,8 @@ Proposed recipe (seeded; resumable runs of at most 90 minutes; about 3 CPU-hours
    8x8 latent. Target: L1 below 0.02 on held-out images, and the detector reading decoded images as it reads the
    originals.
 3. Latent scale: sdlite reads SD 1.x latents with the family's fixed factor 0.18215, so the file must fit it instead
-   of carrying its own: scale the encoder's mean output (``quant_conv``'s mean rows) by k and the decoder's input
-   (``post_quant_conv``'s weight) by 1/k, with k chosen so that 0.18215 · k · std(mean) = 1 (an exact
-   reparametrisation: decoded images do not change; the log-variance rows shift by 2 ln k).
+   of carrying its own: ``fit_latent_scale`` below reparametrises the trained VAE so that 0.18215 times its latents
+   has unit standard deviation, as latent diffusion's ``scale_by_std`` measures it (decoded images do not change).
 4. Cache latents: encode the 50 000 images once (mean and std; ~6 min), sample z = mean + std · ε per step.
 5. Text encoder + UNet, 125 min (run 1: phases 1-4, 50 min, then 35 min of this; run 2: the other 90 min):
    ``sdlite.train.denoising_loss`` (ε, SD's scaled-linear schedule); captions framed exactly as the pipeline frames
@@ -69,6 +68,7 @@ On a GPU the same recipe runs in minutes; there, batch 256 and whole 64x64 image
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from collections.abc import Mapping
 
@@ -126,3 +126,24 @@ def save(path: str | os.PathLike, unet: nn.Module, vae: nn.Module, text_encoder:
                for k, v in checkpoint_state(unet, vae, text_encoder).items()}
     meta = dict(METADATA, **{"modelspec.date": datetime.date.today().isoformat()}, **(metadata or {}))
     save_safetensors(path, tensors, meta)
+
+
+@torch.no_grad()
+def fit_latent_scale(vae: AutoencoderKL, images: torch.Tensor, seed: int = 0) -> float:
+    """Rescale ``vae``'s latent space in place so that ``vae.scale_factor`` (SD 1.x's fixed 0.18215) gives latents
+    of unit standard deviation on ``images`` ([B, 3, H, W] in [-1, 1]); returns the factor k applied.
+
+    Latent diffusion (Rombach et al. 2022) instead measures 1 / std of a first batch's posterior samples and keeps
+    it as the model's scale factor (``scale_by_std``); SD 1.x files carry no factor, so the latents are made to fit
+    the fixed one: the posterior's mean (``quant_conv``'s first half) and standard deviation are multiplied by k
+    (log-variance + 2 ln k) and ``post_quant_conv`` divides its input by k, so decode(k·z) equals the old decode(z).
+    """
+    z = vae.config.z_channels
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    std = vae.encode(images).sample(generator).std().item()
+    k = 1.0 / (vae.scale_factor * std)
+    vae.quant_conv.weight[:z] *= k
+    vae.quant_conv.bias[:z] *= k
+    vae.quant_conv.bias[z:] += 2 * math.log(k)
+    vae.post_quant_conv.weight /= k
+    return k
