@@ -8,7 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from sdlite.data import shapes
 from sdlite.data.shapes import Obj, Scene

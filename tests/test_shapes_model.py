@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from PIL import Image
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
@@ -121,6 +122,17 @@ def test_builtin_model_not_trained_yet_is_a_clear_error(monkeypatch, tmp_path):
             call()
         assert "python -m sdlite.data.shapes train --out" in str(info.value)
         assert str(tmp_path / "shapes.safetensors") in str(info.value)
+
+
+def test_cli_names_the_builtin_model(monkeypatch, tmp_path, capsys, model_file):
+    from sdlite.cli import main
+
+    monkeypatch.setattr(sdlite.data, "MODELS_DIR", tmp_path)
+    assert main(["txt2img", "shapes", "a red circle on a blue background", "-o", str(tmp_path / "a.png")]) == 2
+    assert "not trained yet" in capsys.readouterr().err
+    monkeypatch.setattr(sdlite.data, "MODELS_DIR", model_file[0].parent)
+    assert main(["txt2img", "shapes", "a red circle", "--steps", "1", "-o", str(tmp_path / "b.png")]) == 0
+    assert Image.open(tmp_path / "b.png").size == (64, 64)
 
 
 def test_builtin_model_loads_from_the_package_folder(monkeypatch, model_file):
