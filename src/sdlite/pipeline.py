@@ -16,6 +16,7 @@ from .checkpoint.family_table import FAMILIES
 from .checkpoint.load import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .conditioning import Conditioning, encode_text
+from .data import BUILTIN_MODELS, builtin_model
 from .generate import Hires, Job, Result, generate
 from .images import outpaint_canvas
 from .infotext import model_hash
@@ -26,13 +27,16 @@ class StableDiffusion:
 
     ``family`` is "sd1", "sd2", "sdxl" or "sdxl-refiner"; ``prediction`` is "eps" or "v"; ``unet``, ``vae`` and
     ``text_encoders`` are plain modules whose ``state_dict()`` keys are the file's keys minus the component prefix.
+    ``metadata`` is the file's safetensors metadata (``modelspec.*``, ``ss_*``; empty for pickles).
     ``device`` is where generation computes: the UNet's device, or the execution device when offload is on
     (``enable_offload``).
     """
 
     def __init__(self, path: str, family: str, prediction: str, unet: nn.Module, vae: nn.Module,
-                 text_encoders: list[nn.Module], set_aside: list[str] | None = None, unknown: list[str] | None = None):
+                 text_encoders: list[nn.Module], set_aside: list[str] | None = None, unknown: list[str] | None = None,
+                 metadata: dict[str, str] | None = None):
         self.path, self.family, self.prediction = path, family, prediction
+        self.metadata = metadata or {}  # the file's safetensors metadata
         self.unet, self.vae, self.text_encoders = unet, vae, text_encoders
         self.set_aside, self.unknown = set_aside or [], unknown or []
         self.embeddings: EmbeddingSet | None = None
@@ -104,7 +108,12 @@ class StableDiffusion:
 
     @property
     def native_size(self) -> int:
-        """The side the family was trained at (``family_table``): 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
+        """The side the model was trained at, which generation defaults to: the file's ``modelspec.resolution``
+        when it is square ("64x64"), else the family's (``family_table``): 1024 for SDXL, 768 for SD 2.x v-models,
+        else 512."""
+        width, _, height = self.metadata.get("modelspec.resolution", "").partition("x")
+        if width.strip().isdigit() and width.strip() == height.strip():
+            return int(width)
         return FAMILIES[self.family].size_for(self.prediction)
 
     @functools.cached_property
@@ -231,9 +240,12 @@ class StableDiffusion:
                                embeddings=self.embeddings)
 
 
-def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load(path: str | os.PathLike = "shapes", device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
          prediction: str | None = None, offload: bool = False) -> StableDiffusion:
     """Load an original SD 1.x / 2.x / XL (base, refiner, inpainting) checkpoint, ``.safetensors`` or ``.ckpt``.
+
+    ``"shapes"`` (the default) is sdlite's built-in model, packaged with it (``sdlite.data``); a file of that name
+    in the working folder is ``"./shapes"``.
 
     The architecture is read from the tensor shapes; no config file and no network are used. ``prediction``
     ("eps" or "v") overrides the guess for SD 2.x 768-v models. ``offload=True`` loads the weights into CPU memory
@@ -242,6 +254,9 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     inf/NaN result (``sdlite.vae.AutoencoderKL``); ``pipe.vae.float()`` chooses that up front.
     Errors are ``sdlite.errors.CheckpointError``.
     """
+    if isinstance(path, str) and path in BUILTIN_MODELS:
+        path = builtin_model(path)
     c = load_components(path, device="cpu" if offload else device, dtype=dtype, prediction=prediction)
-    pipe = StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown)
+    pipe = StableDiffusion(c.path, c.family, c.prediction, c.unet, c.vae, c.text_encoders, c.set_aside, c.unknown,
+                           c.metadata)
     return pipe.enable_offload(device) if offload else pipe

@@ -37,6 +37,7 @@ class Components:
     text_encoders: list[nn.Module]
     set_aside: list[str] = field(default_factory=list)  # known training leftovers, not loaded
     unknown: list[str] = field(default_factory=list)  # keys under no known prefix, not loaded (warned about)
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's safetensors metadata (modelspec.*, ss_*)
 
 
 def _text_plan(tf: TensorFile, comp: TextComponent):
@@ -127,4 +128,5 @@ def load_components(path: str | os.PathLike, *, device: torch.device | str = "cp
                           f"{', '.join(sorted(p.unknown)[:8])}{' …' if len(p.unknown) > 8 else ''}", stacklevel=3)
         modules = [materialize(tf, each, dtype, device) for each in p.plans]
     return Components(path=str(path), family=p.found.family, prediction=p.prediction, unet=modules[0],
-                      vae=modules[1], text_encoders=modules[2:], set_aside=p.set_aside, unknown=p.unknown)
+                      vae=modules[1], text_encoders=modules[2:], set_aside=p.set_aside, unknown=p.unknown,
+                      metadata=dict(tf.metadata))
