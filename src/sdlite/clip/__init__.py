@@ -1,11 +1,12 @@
-"""CLIP text side of Stable Diffusion: the BPE tokenizer and the CLIP-L / OpenCLIP text encoders in their
-checkpoint layouts (FORMATS.md 1.2-1.4)."""
+"""CLIP for Stable Diffusion: the BPE tokenizer, the CLIP-L / OpenCLIP text encoders in their checkpoint layouts,
+and the CLIP vision towers image-prompt adapters use (FORMATS.md 1.2-1.4)."""
 
 from __future__ import annotations
 
 from sdlite.clip.config import TextEncoderConfig, infer_clip_config, infer_openclip_config
 from sdlite.clip.model import CLIPTextModel, OpenCLIPTextModel, TextEncoderOutput
 from sdlite.clip.tokenizer import BOS, CONTEXT_LENGTH, EOS, CLIPTokenizer, get_tokenizer
+from sdlite.clip.vision import VisionConfig, VisionEncoder, VisionOutput, load_vision, preprocess
 
 __all__ = [
     "BOS",
@@ -16,7 +17,12 @@ __all__ = [
     "OpenCLIPTextModel",
     "TextEncoderConfig",
     "TextEncoderOutput",
+    "VisionConfig",
+    "VisionEncoder",
+    "VisionOutput",
     "get_tokenizer",
     "infer_clip_config",
     "infer_openclip_config",
+    "load_vision",
+    "preprocess",
 ]
