@@ -200,16 +200,6 @@ def load_vision(path: str | os.PathLike, device: torch.device | str = "cpu", dty
     with open_tensor_file(path) as tf:
         config, prefix = infer_vision_config(tf.shapes, tf.path, heads, activation)
         tower = ("vision_model.", "visual_projection.") if config.layout == "clip" else prefix
-        keep = {k for k in tf.keys() if k.startswith(tower) and not k.endswith("position_ids")}
-        p = plan(_Subset(tf, keep), lambda: VisionEncoder(config), prefix, name="CLIP vision model")
+        p = plan(tf, lambda: VisionEncoder(config), prefix, name="CLIP vision model",
+                 only=lambda k: k.startswith(tower) and not k.endswith("position_ids"))
         return materialize(tf, p, dtype, device)
-
-
-class _Subset:
-    """The keys of a tensor file that belong to the vision tower, as ``plan`` reads them."""
-
-    def __init__(self, tf, keys: set[str]):
-        self.path, self.shapes, self._keys = tf.path, tf.shapes, keys
-
-    def keys(self):
-        return self._keys
