@@ -34,6 +34,7 @@ from ..checkpoint.materialize import materialize, plan
 from ..conv import Conv2d
 from ..errors import CheckpointError
 from ..unet import UNetModel
+from ..unet.attention import AttentionPatch, name_attention_layers
 from ..unet.model import build_encoder, embed_timesteps
 from ..unet.config import UNetEncoderConfig, config_from_fields, read_encoder_fields
 from . import preprocess
@@ -98,15 +99,19 @@ class ControlNet(nn.Module):
                      Conv2d(ch_in, ch_out, 3, padding=1, stride=2), nn.SiLU()]
         hint.append(Conv2d(c.hint_block_channels[-1], c.model_channels, 3, padding=1))
         self.input_hint_block = nn.Sequential(*hint)
+        name_attention_layers(self)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor | float,
-                context: torch.Tensor | None = None, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                patches: Sequence[AttentionPatch] | None = None) -> list[torch.Tensor]:
         """Residuals for the UNet from latents ``x`` [B, C, H, W] and the control image ``hint`` [B, hint_channels,
-        8H, 8W] (RGB in [0, 1]); ``timesteps``, ``context`` and ``y`` as the UNet takes them."""
+        8H, 8W] (RGB in [0, 1]); ``timesteps``, ``context`` and ``y`` as the UNet takes them. ``patches``:
+        attention patches for the ControlNet's own attention layers (keys as in its state dict, e.g.
+        ``input_blocks.4.1.transformer_blocks.0.attn2``), given only to this model."""
         expected = (x.shape[-2] * HINT_DOWNSAMPLING, x.shape[-1] * HINT_DOWNSAMPLING)
         if tuple(hint.shape[-2:]) != expected:
             raise ValueError(f"hint is {hint.shape[-1]}x{hint.shape[-2]} pixels, but latents of {x.shape[-1]}x"
@@ -120,11 +125,11 @@ class ControlNet(nn.Module):
         h = x.to(dtype)
         outs = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = block(h, emb, context, patches=patches)
             if i == 0:
                 h = h + guided_hint
             outs.append(zero_conv(h))
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, patches=patches)
         outs.append(self.middle_block_out(h))
         return outs
 
