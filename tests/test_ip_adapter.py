@@ -102,3 +102,101 @@ def test_bad_files_are_refused_by_name(tmp_path):
     sd["image_proj.norm.weight"] = torch.zeros(65)
     with pytest.raises(CheckpointError, match="not a whole number of tokens"):
         ip_adapter.load(save_safetensors(tmp_path / "bad_shape.safetensors", sd))
+
+
+# --- at generation time: the UNet with an adapter attached, against diffusers' IP-Adapter loader -------------------
+
+from diffusers.models.embeddings import ImageProjection  # noqa: E402
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sdlite.clip import load_vision, preprocess  # noqa: E402
+from test_unet import SD1, SDXL, adm_inputs, build_pair, inputs  # noqa: E402
+
+
+def adapter_file(ours, variant, seed, embed_dim=48):
+    """A random IP-Adapter file for ``ours``: the variant's image_proj and k/v projections for every attn2."""
+    order = ip_adapter.processor_order(ours)
+    context = ours.config.context_dim
+    build = {"base": lambda: ip_adapter.LinearProjection(embed_dim, context, 4),
+             "plus": lambda: ip_adapter.Resampler(embed_dim, 64, 64, 16, 4, 256, context)}[variant]
+    proj = randomised(build(), seed)
+    nested = {"image_proj": dict(proj.state_dict()), "ip_adapter": {}}
+    g = torch.Generator().manual_seed(seed + 1)
+    for n, key in enumerate(order):
+        if key.endswith("attn2"):
+            hidden = ours.get_submodule(key).to_k.out_features
+            for name in ("to_k_ip", "to_v_ip"):
+                nested["ip_adapter"][f"{n}.{name}.weight"] = torch.randn(hidden, context, generator=g) * 0.2
+    return nested
+
+
+@pytest.mark.parametrize("spec,variant", [("SD1", "base"), ("SD1", "plus"), ("SDXL", "base"), ("SDXL", "plus")])
+@torch.no_grad()
+def test_unet_with_adapter_matches_diffusers(tmp_path, spec, variant):
+    ours, ref, config = build_pair(dict(globals()[spec], context_dim=64))
+    nested = adapter_file(ours, variant, seed=3)
+    flat = {f"{part}.{k}": v for part, d in nested.items() for k, v in d.items()}
+    adapter = ip_adapter.load(save_safetensors(tmp_path / "ip.safetensors", flat))
+    ref._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
+    for proc in ref.attn_processors.values():
+        if hasattr(proc, "scale"):
+            proc.scale = [0.7]
+    x, t, context, g = inputs(config)
+    features = torch.randn(2, 48, generator=g) if variant == "base" else torch.randn(2, 9, 48, generator=g)
+    extra = {"image_embeds": [features[:, None]]}
+    kw = {}
+    if config.adm_in_channels:
+        y, added = adm_inputs(config, 2, g)
+        extra |= added
+        kw["y"] = y
+    expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample
+    patch = ip_adapter.IPAdapterPatch(adapter.layer_projections(ip_adapter.processor_order(ours)),
+                                      adapter.image_tokens(features), 0.7)
+    got = ours(x, t, context, patches=[patch], **kw)
+    plain = ours(x, t, context, **kw)
+    assert rel(got, expected) < 1e-4
+    assert rel(plain, expected) > 1e-2  # the adapter does change the prediction
+
+
+def clip_files(tmp_path, hidden=64, projection=48):
+    torch.manual_seed(5)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=224,
+        patch_size=32, projection_dim=projection, hidden_act="gelu")).eval()
+    path = save_safetensors(tmp_path / "image_encoder.safetensors",
+                            {k: v for k, v in model.state_dict().items() if not k.endswith("position_ids")})
+    return model, load_vision(path, heads=4, activation="gelu")
+
+
+@pytest.mark.parametrize("variant", ["base", "plus"])
+@torch.no_grad()
+def test_unit_tokens_follow_the_reference_pipeline(tmp_path, variant):
+    """Positive and negative tokens as diffusers' pipelines make them (encode_image / prepare_ip_adapter_image_embeds):
+    base projects image_embeds and zeros; plus projects hidden_states[-2] of the image and of an all-zero input."""
+    clip, encoder = clip_files(tmp_path)
+    dim = 48 if variant == "base" else 64
+    unet = UNetModel(UNetConfig(**UNETS["sd1"]))
+    nested = adapter_file(unet, variant, seed=4, embed_dim=dim)
+    flat = {f"{part}.{k}": v for part, d in nested.items() for k, v in d.items()}
+    adapter = ip_adapter.load(save_safetensors(tmp_path / "ip.safetensors", flat))
+    image = Image.new("RGB", (300, 260), (200, 40, 90))
+    unit = ip_adapter.IPAdapterUnit(adapter, [image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)],
+                                    encoder=encoder, weight=0.5)
+    pos, neg = unit.tokens()
+    proj = UNet2DConditionModel._convert_ip_adapter_image_proj_to_diffusers(
+        SimpleNamespace(), nested["image_proj"], low_cpu_mem_usage=False).eval()
+    pixels = preprocess([image, image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)])
+    out = clip(pixel_values=pixels, output_hidden_states=True)
+    if variant == "base":
+        feats, zero = out.image_embeds, torch.zeros_like(out.image_embeds)
+    else:
+        feats = out.hidden_states[-2]
+        zero = clip(pixel_values=torch.zeros_like(pixels), output_hidden_states=True).hidden_states[-2]
+    assert rel(pos, proj(feats).reshape(-1, pos.shape[-1])) < 1e-5
+    assert rel(neg, proj(zero).reshape(-1, pos.shape[-1])) < 1e-5
+    with pytest.raises(ValueError, match="encoder="):
+        ip_adapter.IPAdapterUnit(adapter, image)
+    with pytest.raises(ValueError, match="face_embedding"):
+        path, _, _ = write_adapter(tmp_path, "faceid", 128)
+        ip_adapter.IPAdapterUnit(ip_adapter.load(path), image, encoder=encoder)

@@ -14,15 +14,19 @@ block), so only odd n (the cross-attention layers) carry weights. Attention then
 from __future__ import annotations
 
 import os
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..checkpoint.files import open_tensor_file
 from ..checkpoint.materialize import materialize, plan
+from ..clip.vision import VisionEncoder, preprocess
 from ..errors import CheckpointError
+from ..unet.attention import AttentionPatch, AttentionSite, ExtraTokens
 
 HEAD_DIM = 64  # the resampler's attention heads are 64 wide in every released file
 FACE_EMBED_DIM = 512  # insightface's (buffalo_l / antelopev2) identity embedding
@@ -140,6 +144,14 @@ class IPAdapter(nn.Module):
         self.ip_adapter = nn.ModuleDict({str(n): KVProjection(dim, hidden) for n, (dim, hidden) in layers.items()})
         self.context_dim = next(iter(layers.values()))[0]
 
+    @property
+    def feature_width(self) -> int:
+        """The width of the features ``image_tokens`` reads (the encoder's projection or hidden width, or 512)."""
+        proj = self.image_proj
+        first = {LinearProjection: lambda: proj.proj, FaceIDProjection: lambda: proj.proj[0],
+                 TokenMLP: lambda: proj.proj[0], Resampler: lambda: proj.proj_in}[type(proj)]()
+        return first.in_features
+
     def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Image features (what ``self.input`` names) [B, …] → context tokens [B, T, context_dim]."""
         return self.image_proj(features.to(self.ip_adapter[next(iter(self.ip_adapter))].to_k_ip.weight.dtype))
@@ -217,3 +229,113 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         p = plan(tf, lambda: IPAdapter(variant, image_proj(), dict(sorted(layers.items()))), "", name="IP-Adapter",
                  only=lambda k: k.startswith("image_proj.") or k.endswith(("to_k_ip.weight", "to_v_ip.weight")))
         return materialize(tf, p, dtype, device)
+
+
+# --- at generation time ------------------------------------------------------------------------------------------
+
+
+class IPAdapterPatch(AttentionPatch):
+    """The decoupled cross-attention of one adapter: every cross-attention layer the file has projections for also
+    attends to ``tokens`` [B or 1, T, context_dim] (one row per row of the UNet batch, or one for all), the result
+    times ``scale`` added to its output."""
+
+    def __init__(self, projections: dict[str, KVProjection], tokens: torch.Tensor, scale: float | torch.Tensor = 1.0):
+        self.projections, self.tokens, self.scale = projections, tokens, scale
+
+    def extra_tokens(self, site: AttentionSite) -> list[ExtraTokens]:
+        proj = self.projections.get(site.key)
+        if proj is None:
+            return []
+        tokens = self.tokens.to(proj.to_k_ip.weight.dtype)
+        return [ExtraTokens(proj.to_k_ip(tokens), proj.to_v_ip(tokens), self.scale)]
+
+
+@dataclass
+class IPAdapterUnit:
+    """One image prompt: ``pipe.txt2img(..., ip_adapters=[IPAdapterUnit(adapter, image, encoder=enc)])``.
+
+    ``image``: a PIL image or a list of them (their tokens are concatenated) for the CLIP-based variants, read
+    through ``encoder`` (``sdlite.clip.load_vision``); ``face_embedding`` [512] or [N, 512] for FaceID/InstantID.
+    ``weight`` scales the image attention; the unit acts while ``start <= progress <= end`` (fractions of the
+    sampling steps, as ControlNet units)."""
+
+    adapter: IPAdapter
+    image: Image.Image | Sequence[Image.Image] | None = None
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    encoder: VisionEncoder | None = None
+    face_embedding: torch.Tensor | None = None
+
+    def __post_init__(self):
+        needs = self.adapter.input
+        if needs == "face":
+            if self.face_embedding is None:
+                raise ValueError(f"a {self.adapter.variant} IP-Adapter reads a 512-d face embedding: give "
+                                 "face_embedding= (insightface's embedding of the face)")
+            if self.face_embedding.shape[-1] != FACE_EMBED_DIM:
+                raise ValueError(f"face_embedding must end in {FACE_EMBED_DIM}, got {list(self.face_embedding.shape)}")
+        else:
+            if self.image is None or self.encoder is None:
+                raise ValueError(f"a {self.adapter.variant} IP-Adapter reads CLIP image features: give image= and "
+                                 "encoder= (sdlite.clip.load_vision)")
+            width = self.encoder.config.projection_dim if needs == "image_embeds" else self.encoder.config.width
+            expected = self.adapter.feature_width
+            if width != expected:
+                raise ValueError(f"this IP-Adapter reads {needs} of width {expected}; the image encoder gives "
+                                 f"{width} (a ViT-H/14 adapter needs the ViT-H encoder, an SDXL one often bigG)")
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
+
+    def active(self, progress: float) -> bool:
+        return self.weight != 0 and self.start <= progress <= self.end
+
+    @torch.no_grad()
+    def tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) image tokens [T, context_dim], as the reference pipelines make the negative one:
+        the projection of zeros (image embeds, face embeddings) or of the encoder's features of an all-zero
+        (normalised) image (penultimate-state variants)."""
+        adapter = self.adapter
+        if adapter.input == "face":
+            features = self.face_embedding.reshape(-1, FACE_EMBED_DIM).float()
+            negative = torch.zeros_like(features)
+        else:
+            images = [self.image] if isinstance(self.image, Image.Image) else list(self.image)
+            enc = self.encoder
+            param = next(enc.parameters())
+            pixels = preprocess(images).to(param.device, param.dtype)
+            out = enc.encode_image(pixels)
+            if adapter.input == "image_embeds":
+                features = out.image_embeds
+                negative = torch.zeros_like(features)
+            else:
+                features = out.penultimate
+                negative = enc.encode_image(torch.zeros_like(pixels[:1])).penultimate.expand_as(features)
+        pos, neg = adapter.image_tokens(features), adapter.image_tokens(negative)
+        # One token sequence per unit: several images (or faces) are concatenated along the tokens.
+        return pos.reshape(-1, pos.shape[-1]), neg.reshape(-1, neg.shape[-1])
+
+
+def patch_hook(units: Sequence[IPAdapterUnit], unet: nn.Module):
+    """The ``patches(cond_rows, step)`` hook of a sampling pass: each active unit's tokens, the positive ones on the
+    rows that carry a prompt and the negative ones on the uncond rows; every image of a batch gets the same."""
+    order = processor_order(unet)
+    prepared = []
+    for unit in units:
+        projections = unit.adapter.layer_projections(order)
+        pos, neg = unit.tokens()
+        prepared.append((unit, projections, pos, neg))
+
+    def patches(cond_rows: torch.Tensor | None, step) -> list[IPAdapterPatch] | None:
+        out = []
+        for unit, projections, pos, neg in prepared:
+            if not unit.active(step.progress):
+                continue
+            if cond_rows is None:
+                tokens = pos[None]
+            else:
+                tokens = torch.where(cond_rows.to(pos.device)[:, None, None], pos[None], neg[None])
+            out.append(IPAdapterPatch(projections, tokens, unit.weight))
+        return out or None
+
+    return patches
