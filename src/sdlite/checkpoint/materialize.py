@@ -30,13 +30,14 @@ def _listing(keys, limit: int = 8) -> str:
 
 
 def plan(tf: TensorFile, build: Callable[[], nn.Module], file_prefix: str, module_prefix: str = "",
-         name: str = "") -> Plan:
-    """Build a module on meta and match its state dict against ``file_prefix`` keys (strict, shapes included)."""
+         name: str = "", only: Callable[[str], bool] | None = None) -> Plan:
+    """Build a module on meta and match its state dict against ``file_prefix`` keys (strict, shapes included);
+    ``only`` narrows the file keys considered (a file holding more than this module)."""
     with torch.device("meta"):
         module = build()
     expected = module.state_dict()
     sources = {module_prefix + k[len(file_prefix):]: k for k in tf.keys()
-               if k.startswith(file_prefix) and not is_set_aside(k)}
+               if k.startswith(file_prefix) and not is_set_aside(k) and (only is None or only(k))}
     missing = expected.keys() - sources.keys()
     unexpected = sources.keys() - expected.keys()
     if missing or unexpected:

@@ -34,11 +34,12 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head causal self-attention of [B, T, W] projections; SD never passes a padding mask."""
+def _self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, causal: bool) -> torch.Tensor:
+    """Multi-head self-attention of [B, T, W] projections, causal for the text towers; SD never passes a padding
+    mask."""
     b, t, w = q.shape
     q, k, v = (x.view(b, t, heads, w // heads).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(b, t, w)
 
 
@@ -108,16 +109,16 @@ class _TextTransformer(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.heads = config.heads
+        self.heads, self.causal = config.heads, causal
         self.q_proj = nn.Linear(config.width, config.width)
         self.k_proj = nn.Linear(config.width, config.width)
         self.v_proj = nn.Linear(config.width, config.width)
         self.out_proj = nn.Linear(config.width, config.width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(_causal_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads))
+        return self.out_proj(_self_attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -132,9 +133,9 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(config)
+        self.self_attn = CLIPAttention(config, causal)
         self.layer_norm1 = nn.LayerNorm(config.width)
         self.mlp = CLIPMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.width)
@@ -145,9 +146,9 @@ class CLIPEncoderLayer(nn.Module):
 
 
 class CLIPEncoder(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(config.layers))
+        self.layers = nn.ModuleList(CLIPEncoderLayer(config, causal) for _ in range(config.layers))
 
 
 class CLIPEmbeddings(nn.Module):
@@ -206,10 +207,10 @@ class CLIPTextModel(_TextTransformer):
 class OpenCLIPAttention(nn.Module):
     """Attention with torch.nn.MultiheadAttention's parameter names: q;k;v stacked in ``in_proj_weight`` [3W, W]."""
 
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
         w = config.width
-        self.heads = config.heads
+        self.heads, self.causal = config.heads, causal
         # Same initialisation as nn.MultiheadAttention; the loader replaces these values anyway.
         self.in_proj_weight = nn.Parameter(nn.init.xavier_uniform_(torch.empty(3 * w, w)))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * w))
@@ -217,7 +218,7 @@ class OpenCLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
-        return self.out_proj(_causal_attention(q, k, v, self.heads))
+        return self.out_proj(_self_attention(q, k, v, self.heads, self.causal))
 
 
 class OpenCLIPMLP(nn.Module):
@@ -232,10 +233,10 @@ class OpenCLIPMLP(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.width)
-        self.attn = OpenCLIPAttention(config)
+        self.attn = OpenCLIPAttention(config, causal)
         self.ln_2 = nn.LayerNorm(config.width)
         self.mlp = OpenCLIPMLP(config)
 
@@ -245,9 +246,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class OpenCLIPTransformer(nn.Module):
-    def __init__(self, config: TextEncoderConfig):
+    def __init__(self, config: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(config) for _ in range(config.layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(config, causal) for _ in range(config.layers))
 
 
 class OpenCLIPTextModel(_TextTransformer):
