@@ -1,4 +1,4 @@
-"""AUTOMATIC1111 hypernetworks (the ``.pt`` files of its Train tab; docs/formats.md §11).
+"""AUTOMATIC1111 hypernetworks (the ``.pt`` files of its Train tab; docs/formats.md §15.4).
 
 A hypernetwork holds, per context width (320, 640, 768, 1024, 1280 …), a pair of small MLPs: one transforms the
 input of every attention layer's ``to_k``, the other the input of its ``to_v``. Self-attention layers are included:

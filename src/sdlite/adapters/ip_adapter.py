@@ -1,5 +1,5 @@
 """IP-Adapter files (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion
-Models") and InstantID's adapter, as tencent-ailab and InstantX publish them (docs/formats.md §10).
+Models") and InstantID's adapter, as tencent-ailab and InstantX publish them (docs/formats.md §15).
 
 A file has two parts. ``image_proj`` turns image features into extra context tokens; its variant is told by its
 keys: a linear projection of ``image_embeds`` to 4 tokens (ip-adapter, _light, _vit-h), a Perceiver resampler over the

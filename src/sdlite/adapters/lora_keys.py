@@ -277,7 +277,7 @@ _KOHYA_OPENCLIP = {"attn_out_proj": "self_attn_out_proj", "mlp_c_fc": "mlp_fc1",
 
 def kohya_name(family: str, component: str, module_key: str, *, third: str | None = None,
                num_res_blocks: Sequence[int] = (2, 2, 2, 2)) -> str:
-    """The kohya ``lora_name`` of an sdlite module: the inverse of the mapping above (FORMATS.md 3.1, 3.5).
+    """The kohya ``lora_name`` of an sdlite module: the inverse of the mapping above (docs/formats.md §3).
 
     ``module_key`` is the module's path inside its component (``input_blocks.1.1.proj_in``,
     ``text_model.encoder.layers.0.mlp.fc1``, ``transformer.resblocks.3.attn.out_proj``). ``third`` ("q", "k", "v")

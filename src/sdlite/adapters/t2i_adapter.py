@@ -1,5 +1,5 @@
 """T2I-Adapters (Mou et al. 2023, "T2I-Adapter: Learning Adapters to Dig out More Controllable Ability for
-Text-to-Image Diffusion Models") in TencentARC's original layout and in diffusers' (docs/formats.md §5).
+Text-to-Image Diffusion Models") in TencentARC's original layout and in diffusers' (docs/formats.md §15.3).
 
 An adapter turns a control image into four feature maps, one per UNet resolution level, which are added to the
 UNet encoder's hidden states (see :func:`feature_blocks`). The image is first pixel-unshuffled (8x for SD1.x, 16x

@@ -1,5 +1,5 @@
 """CLIP vision towers (ViT, Dosovitskiy et al. 2021, as trained by CLIP, Radford et al. 2021 and open_clip) in the
-layouts image-prompt adapters are distributed with (docs/formats.md §10).
+layouts image-prompt adapters are distributed with (docs/formats.md §15).
 
 * ``"clip"``: transformers' ``CLIPVisionModelWithProjection`` (``vision_model.…`` + ``visual_projection.weight``), the
   usual ``image_encoder/model.safetensors`` of IP-Adapter releases (ViT-H/14, ViT-bigG/14).
