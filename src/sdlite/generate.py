@@ -61,6 +61,7 @@ class Generation:
         self.prompts = Prompts(job)
         self.loras = self.prompts.loras(pipe.lora_dirs)
         self.lora_hashes: str | None = None
+        self._ip_hook = None  # built on first use: the image tokens of the job's IP-Adapter units
         if job.refiner is not None and not (pipe.family.startswith("sdxl") and job.refiner.family.startswith("sdxl")):
             raise ValueError(f"a refiner hands over latents, so both models must be SDXL-family; got {pipe.family} "
                              f"and {job.refiner.family}")
@@ -136,10 +137,24 @@ class Generation:
     def _guided(self, pipe, step: StepState, cond_at, *, image_cond=None, control=None, mask=None,
                 x_init=None) -> GuidedDenoiser:
         """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass."""
-        unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control)
+        # Image prompts are the base model's: their projections fit its UNet, not a refiner's.
+        patches = self._image_prompts() if pipe is self.pipe else None
+        unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches)
         denoiser = self.sampler.make_denoiser(unet_call, pipe.prediction)
         return GuidedDenoiser(denoiser, cond_at, self.job.cfg_scale, step, mask=mask, init_latent=x_init,
                               batch=self.job.cfg_batch)
+
+    def _image_prompts(self):
+        """The IP-Adapter hook of ``UNetCall``, its image tokens computed once per generation (every pass shares
+        them)."""
+        units = self.job.ip_adapters
+        if not units:
+            return None
+        if self._ip_hook is None:
+            from .adapters.ip_adapter import patch_hook
+
+            self._ip_hook = patch_hook(units, self.pipe.unet)
+        return self._ip_hook
 
     def _control(self, noise: ImageNoise):
         """The ControlNet hook of ``UNetCall``: hints prepared once for this pass's size; units gated by the sampling

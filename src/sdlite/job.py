@@ -79,6 +79,7 @@ class Job:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     controlnets: list = field(default_factory=list)
+    ip_adapters: list = field(default_factory=list)  # sdlite.IPAdapterUnit: image prompts on the base model's UNet
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
     cfg_batch: bool = True  # cond and uncond in one UNet call; False halves the activation memory

@@ -140,7 +140,7 @@ class StableDiffusion:
         """Text to image. Options (A1111 names in snake case): width, height, steps=20, cfg_scale=7, sampler="Euler a",
         scheduler="Automatic", seed=-1, subseed, subseed_strength, seed_resize_from, batch_size=1, clip_skip=1,
         eta_noise_seed_delta, rng="CPU"|"GPU"|"NV", hires=Hires(...) or dict, original_size, crop, controlnets,
-        refiner, refiner_switch_at, vae_tiling, cfg_batch, sampler_options, callback, emphasis ("Original", "No norm",
+        ip_adapters=[IPAdapterUnit(...)], refiner, refiner_switch_at, vae_tiling, cfg_batch, sampler_options, callback, emphasis ("Original", "No norm",
         "Ignore", "None"), use_old_scheduling.
         Returns Result(images=[PIL], infotexts=[str], seeds=[int], latents)."""
         return self._run(prompt, dict(options, negative_prompt=negative_prompt))

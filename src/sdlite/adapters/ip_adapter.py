@@ -323,7 +323,8 @@ def patch_hook(units: Sequence[IPAdapterUnit], unet: nn.Module):
     prepared = []
     for unit in units:
         projections = unit.adapter.layer_projections(order)
-        pos, neg = unit.tokens()
+        weight = unit.adapter.ip_adapter[next(iter(unit.adapter.ip_adapter))].to_k_ip.weight
+        pos, neg = (t.to(weight.device, weight.dtype) for t in unit.tokens())
         prepared.append((unit, projections, pos, neg))
 
     def patches(cond_rows: torch.Tensor | None, step) -> list[IPAdapterPatch] | None:
