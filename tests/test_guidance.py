@@ -102,8 +102,8 @@ def test_cond_rows_mark_the_positive_prompts_and_lengths_split_the_batch():
 
 
 def test_handoff_switches_after_its_share_of_the_calls_and_shares_the_count():
-    """Euler, 4 steps, switch at 0.5: calls 0-2 have done 0, 1/4, 2/4 (not past 0.5): base; call 3: refiner. The
-    refiner's prompt schedule continues at call 3."""
+    """Euler, 4 steps, switch at 0.5 by calls (A1111's "switch by sampling steps": done = calls/total, the refiner
+    from the first call with done >= 0.5): calls 0-1 base, 2-3 refiner, whose prompt schedule continues at call 2."""
     sp = S.get_sampler_and_sigmas("Euler", steps=4)
     step = StepState(sp.grid, sp.steps, sp.model_calls)
     base, refiner = Recorder(step, 0.5), Recorder(step, 0.25)
@@ -113,8 +113,8 @@ def test_handoff_switches_after_its_share_of_the_calls_and_shares_the_count():
     model = Handoff(GuidedDenoiser(base, schedule, 1.0, step), GuidedDenoiser(refiner, schedule, 1.0, step), 0.5,
                     on_switch=lambda: switched.append(step.call))
     sp(model, torch.randn(1, 4, 8, 8) * sp.sigmas[0])
-    assert [s["call"] for s in base.seen] == [0, 1, 2] and [s["call"] for s in refiner.seen] == [3]
-    assert asked == [0, 1, 2, 3] and switched == [3]
+    assert [s["call"] for s in base.seen] == [0, 1] and [s["call"] for s in refiner.seen] == [2, 3]
+    assert asked == [0, 1, 2, 3] and switched == [2]
     with pytest.raises(ValueError, match="step object"):
         Handoff(GuidedDenoiser(base, schedule, 1.0, step),
                 GuidedDenoiser(refiner, schedule, 1.0, StepState(sp.grid, 4, 4)), 0.5)

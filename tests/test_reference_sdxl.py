@@ -130,7 +130,7 @@ def reference_handoff(xl, prompt, negative, seed, steps, switch_at, by_steps):
 def handoff(xl, switch_at, by_steps):
     pipe, refiner = xl["base"][0], xl["refiner"][0]
     got = pipe.txt2img("a castle", "fog", width=64, height=64, steps=4, cfg_scale=5.0, sampler="Euler", seed=7,
-                       refiner=refiner, refiner_switch_at=switch_at)
+                       refiner=refiner, refiner_switch_at=switch_at, refiner_switch_by_steps=by_steps)
     expected, used = reference_handoff(xl, "a castle", "fog", 7, 4, switch_at, by_steps)
     return got, expected, used
 
@@ -144,12 +144,9 @@ def test_refiner_handoff_by_sampling_steps_matches_the_reference(xl):
     assert max_pixel_diff(got.images[0], xl["refiner"][1].to_images(expected)[0]) <= 1
 
 
-@pytest.mark.xfail(strict=True, reason="known discrepancy: since A1111 PR #14978 (1.9, so 1.10 too) the refiner takes "
-                   "over when (999 − t)/1000 ≥ switch_at, t the training timestep nearest the call's σ (the option "
-                   "'switch by sampling steps' keeps calls/total ≥ switch_at); sdlite's Handoff switches when "
-                   "calls/total > switch_at. With 4 Euler steps and 0.5 A1111 hands the last two calls to the "
-                   "refiner, sdlite only the last (and none at the default 0.8)")
 def test_refiner_handoff_by_sigma_matches_the_reference(xl):
+    """A1111 1.10's default: the refiner takes over at the first call whose nearest training timestep t has
+    (999 − t)/1000 ≥ switch_at, here the last two of four Euler calls."""
     got, expected, used = handoff(xl, 0.5, by_steps=False)
     assert used == ["base"] * 2 + ["refiner"] * 2
     assert rel_err(got.latents, expected) < 1e-4

@@ -126,7 +126,8 @@ class Generation:
             size = (x_init.shape[3] * f, x_init.shape[2] * f) if x_init is not None else (job.width, job.height)
             refined = self._guided(refiner, step, self.prompts.cond_at(refiner, *size, self.calls(total_steps)),
                                    mask=mask, x_init=x_init)
-            model = Handoff(model, refined, job.refiner_switch_at,
+            completed = None if job.refiner_switch_by_steps else timestep_progress(table)
+            model = Handoff(model, refined, job.refiner_switch_at, completed,
                             on_switch=lambda: visit.switch(refiner.offload, [refiner.unet]))
         with visit, torch.inference_mode():
             samples = sp(model, x, noise_sampler=noise.noise_sampler, callback=self._progress(len(sp.sigmas) - 1))
@@ -304,6 +305,7 @@ class Generation:
         if job.refiner is not None:
             params["Refiner"] = f"{job.refiner.model_name} [{job.refiner.model_hash}]"
             params["Refiner switch at"] = float(job.refiner_switch_at)
+            params["Refiner switch by sampling steps"] = True if job.refiner_switch_by_steps else None
         params["Lora hashes"] = self.lora_hashes
         params.update(self.prompts.infotext_params())
         params["Version"] = f"sdlite {__import__('sdlite').__version__}"
@@ -312,3 +314,14 @@ class Generation:
 
 def generate(pipe, job: Job) -> Result:
     return Generation(pipe, replace(job)).run()
+
+
+def timestep_progress(table) -> Callable[[torch.Tensor], float]:
+    """A1111's default refiner progress at σ: (999 − t)/1000, t the index of the model's σ nearest max(σ)."""
+    sigmas = table.schedule.sigmas
+
+    def completed(sigma: torch.Tensor) -> float:
+        t = int(torch.argmin((sigmas.to(sigma.device) - sigma.max()).abs()))
+        return (999 - t) / 1000
+
+    return completed

@@ -150,21 +150,25 @@ def pad_parts(conds: list[tuple[Cond, float]]) -> list[tuple[Cond, float]]:
 
 
 class Handoff:
-    """The base model's guided denoiser until more than ``switch_at`` of the pass's budgeted model calls are done,
-    then the refiner's. As in A1111 1.10 the sampler itself goes on (multistep history included); only the model
-    changes, and both read the one step object, so the prompt-schedule count carries over. ``on_switch`` runs once,
-    just before the refiner's first call (the core moves offloaded UNets there)."""
+    """The base model's guided denoiser until the pass is ``switch_at`` done, then the refiner's (A1111 1.10's
+    apply_refiner). Done is ``completed(sigma)``: by default (999 − t)/1000 with t the training timestep nearest the
+    call's σ; with A1111's "switch by sampling steps" option the share of budgeted model calls done. The refiner takes
+    over at the first call where done ≥ ``switch_at``. The sampler itself goes on (multistep history included); only
+    the model changes, and both read the one step object, so the prompt-schedule count carries over. ``on_switch``
+    runs once, just before the refiner's first call (the core moves offloaded UNets there)."""
 
     def __init__(self, base: GuidedDenoiser, refiner: GuidedDenoiser, switch_at: float,
+                 completed: Callable[[torch.Tensor], float] | None = None,
                  on_switch: Callable[[], None] | None = None):
         if base.step is not refiner.step:
             raise ValueError("the base and refiner denoisers must share the pass's step object")
         self.base, self.refiner, self.switch_at, self.step = base, refiner, switch_at, base.step
+        self.completed = completed or (lambda _: self.step.call_fraction)
         self.on_switch, self.switched = on_switch, False
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
         self.step.advance(sigma)
-        if self.step.call_fraction > self.switch_at and not self.switched:
+        if not self.switched and self.completed(sigma) >= self.switch_at:
             self.switched = True
             if self.on_switch is not None:
                 self.on_switch()

@@ -82,6 +82,7 @@ class Job:
     ip_adapters: list = field(default_factory=list)  # sdlite.IPAdapterUnit: image prompts on the base model's UNet
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
+    refiner_switch_by_steps: bool = False  # A1111's option: the share of model calls done, not the call's timestep
     cfg_batch: bool = True  # cond and uncond in one UNet call; False halves the activation memory
     callback: Callable[[dict], None] | None = None
     # A1111's "Emphasis mode" setting ("Original", "No norm", "Ignore", "None"; sdlite.conditioning) and its "Use

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from ..adapters.lora_keys import kohya_name
-from ..checkpoint import open_tensor_file, plan_components
+from ..checkpoint import open_tensor_file
+from ..checkpoint.load import plan_components
 from ..checkpoint.write import check_output, save_safetensors
 from ..unet.blocks import Downsample, ResBlock, SpatialTransformer, Upsample
 from .common import Progress, ToolError, Written, dtype_of, with_progress, written

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 
 from ..adapters.lora import lora_hash, match_lora
-from ..checkpoint import identify, open_tensor_file, plan_components
+from ..checkpoint import identify, open_tensor_file
+from ..checkpoint.load import plan_components
 from ..checkpoint.files import SafetensorsFile, TensorFile
 from ..checkpoint.write import check_output, stream_safetensors
 from ..errors import CheckpointError
