@@ -71,24 +71,42 @@ def binary_mask(mask: Image.Image) -> Image.Image:
     return mask.convert("L")
 
 
-def _gaussian_kernel(sigma: float) -> np.ndarray:
+def _fixed_point_kernel(sigma: float) -> np.ndarray:
+    """A1111's kernel (size 2·int(2.5σ+0.5)+1) in OpenCV's bit-exact 8-bit form: the normalised Gaussian with its
+    centre set to 1 − Σ(others), scaled by 256 and rounded from the outside in with the rounding error carried
+    inwards, the centre taking what makes the sum exactly 256 (OpenCV's getGaussianKernelFixedPoint_ED)."""
     size = 2 * int(2.5 * sigma + 0.5) + 1
     x = np.arange(size) - (size - 1) / 2
     k = np.exp(-(x ** 2) / (2 * sigma ** 2))
-    return k / k.sum()
+    k /= k.sum()
+    half = size // 2
+    fixed = np.zeros(size, dtype=np.int64)
+    err = 0.0
+    for i in range(half):
+        adjusted = k[i] * 256 + err
+        fixed[i] = fixed[size - 1 - i] = int(np.rint(adjusted))
+        err = adjusted - fixed[i]
+    fixed[half] = 256 - 2 * int(fixed[:half].sum())
+    return fixed
 
 
 def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
-    """Separable Gaussian blur with A1111's kernel size 2·int(2.5σ+0.5)+1 and reflected borders."""
-    a = np.asarray(mask, dtype=np.float64)
+    """A1111's mask blur: cv2.GaussianBlur on the 8-bit mask along x, then along y, each pass in OpenCV's fixed point
+    (8-bit kernel, integer sums, rounded back to 8 bits) with reflect-101 borders, so masks match A1111's exactly."""
+    a = np.asarray(mask.convert("L"), dtype=np.int64)
     for axis, sigma in ((1, blur_x), (0, blur_y)):
         if sigma > 0:
-            k = _gaussian_kernel(sigma)
+            k = _fixed_point_kernel(sigma)
             pad = [(0, 0), (0, 0)]
             pad[axis] = (len(k) // 2, len(k) // 2)
             padded = np.pad(a, pad, mode="reflect")
-            a = np.apply_along_axis(lambda v: np.convolve(v, k, mode="valid"), axis, padded)
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+            acc = np.zeros_like(a)
+            for i, weight in enumerate(k):
+                window = [slice(None), slice(None)]
+                window[axis] = slice(i, i + a.shape[axis])
+                acc += weight * padded[tuple(window)]
+            a = np.clip((acc + 128) >> 8, 0, 255)
+    return Image.fromarray(a.astype(np.uint8))
 
 
 def crop_region(mask: Image.Image, padding: int) -> tuple[int, int, int, int]:
