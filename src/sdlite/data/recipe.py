@@ -75,7 +75,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..checkpoint.families import SCALE_FACTORS, UNET as UNET_PREFIX, VAE as VAE_PREFIX
+from ..checkpoint.families import UNET as UNET_PREFIX, VAE as VAE_PREFIX
+from ..checkpoint.family_table import FAMILIES
 from ..checkpoint.write import save_safetensors
 from ..clip import CLIPTextModel
 from ..clip.config import TextEncoderConfig
@@ -90,7 +91,7 @@ TEXT_ENCODER = TextEncoderConfig(layout="clip", width=64, layers=3, heads=1, mlp
 UNET = UNetConfig(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 1), num_res_blocks=(1, 1),
                   transformer_depth=(1, 1), transformer_depth_output=(1, 1, 1, 1), transformer_depth_middle=1,
                   context_dim=TEXT_ENCODER.width, use_linear_in_transformer=False, head_dim=64)
-VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, scale_factor=SCALE_FACTORS["sd1"])
+VAE = VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=4, scale_factor=FAMILIES["sd1"].latent_scale)
 
 METADATA = {
     "modelspec.sai_model_spec": "1.0.0",
