@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
+from .adapters import annotators
 from .adapters.lora import LoraHandle, apply_lora
 from .checkpoint import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
@@ -36,6 +37,8 @@ class StableDiffusion:
         self.set_aside, self.unknown = set_aside or [], unknown or []
         self.embeddings: EmbeddingSet | None = None
         self.lora_dirs: list[str | os.PathLike] = []  # where <lora:name:…> prompt tags are looked up
+        self.annotator_dirs: list[str | os.PathLike] = []  # where ControlUnit preprocessors find their weights
+        self.upscaler_dirs: list[str | os.PathLike] = []  # where Hires(upscaler="R-ESRGAN 4x+") finds its file
         self._loras: list[LoraHandle] = []
         self._offload: Offload | None = None
 
@@ -122,11 +125,19 @@ class StableDiffusion:
         options.setdefault("height", self.native_size)
         if isinstance(options.get("hires"), dict):
             options["hires"] = Hires(**options["hires"])
+        if options.get("controlnets"):
+            options["controlnets"] = [self._with_annotator(unit) for unit in options["controlnets"]]
         known = {f.name for f in fields(Job)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'prompt'}))}")
         return generate(self, Job(prompt=prompt, **options))
+
+    def _with_annotator(self, unit):
+        """The unit with its annotator network loaded from ``annotator_dirs`` when its preprocessor needs one."""
+        if getattr(unit, "annotator", False) is None and unit.preprocessor in annotators.PREPROCESSORS:
+            return replace(unit, annotator=annotators.network_for(unit.preprocessor, self.annotator_dirs))
+        return unit
 
     def txt2img(self, prompt: str, negative_prompt: str = "", **options) -> Result:
         """Text to image. Options (A1111 names in snake case): width, height, steps=20, cfg_scale=7, sampler="Euler a",
