@@ -163,3 +163,38 @@ def test_find_by_a1111_name_or_stem(tmp_path):
     assert up.find("4x-UltraSharp", ["/nonexistent", tmp_path]).name == "4x-UltraSharp.pth"
     with pytest.raises(FileNotFoundError, match="RealESRGAN_x4plus_anime_6B.pth"):
         up.find("R-ESRGAN 4x+ Anime6B", [tmp_path])
+
+
+def _a1111_upscale_without_tiling(model, img):
+    """A1111's upscaler_utils.upscale_without_tiling: BGR in, ×255 truncated, back to RGB."""
+    x = torch.from_numpy(np.ascontiguousarray(np.array(img)[:, :, ::-1].transpose(2, 0, 1)) / 255).float()[None]
+    with torch.no_grad():
+        out = model(x)[0].clamp(0, 1).numpy()
+    return Image.fromarray((255.0 * np.moveaxis(out, 0, 2)).astype(np.uint8)[:, :, ::-1].copy(), "RGB")
+
+
+def test_fit_is_a1111_hires_resize_with_spandrel(tmp_path):
+    config = RRDBConfig(layout="real-esrgan", features=8, growth=32, blocks=1, upsamples=2)  # spandrel: growth 32
+    path = _write(tmp_path, "RealESRGAN_x4plus.pth", _random_state(build(config), 6), "params_ema")
+    ref = spandrel.ModelLoader().load_from_file(path).model.eval()
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 20, 3), dtype=np.uint8))
+    for width, height in ((40, 48), (48, 56)):
+        # by hand, A1111's images.resize_image(1, image, width, height, upscaler_name) with the model in spandrel
+        ratio, src_ratio = width / height, image.width / image.height
+        src_w = width if ratio > src_ratio else image.width * height // image.height
+        src_h = height if ratio <= src_ratio else image.height * width // image.width
+        scale = max(src_w / image.width, src_h / image.height)
+        dest = (int((image.width * scale) // 8 * 8), int((image.height * scale) // 8 * 8))  # Upscaler.upscale
+        big = _a1111_upscale_without_tiling(ref, image)  # x4 reaches dest in one pass
+        big = big.resize(dest, Image.Resampling.LANCZOS) if big.size != dest else big
+        big = big.resize((src_w, src_h), Image.Resampling.LANCZOS) if big.size != (src_w, src_h) else big
+        expected = Image.new("RGB", (width, height))
+        expected.paste(big, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+        assert np.array_equal(np.asarray(up.fit(image, up.resolve(path, []), width, height)), np.asarray(expected))
+
+
+def test_resolve_loads_once(tmp_path):
+    config = SRVGGConfig(features=4, convs=1, scale=2)
+    _write(tmp_path, "2x-tiny.pth", _random_state(SRVGGNetCompact(config), 7), "params")
+    model = up.resolve("2x-tiny", [tmp_path])
+    assert model.scale == 2 and up.resolve("2x-tiny", [tmp_path]) is model and up.resolve(model, []) is model

@@ -7,6 +7,7 @@ files are bare state dicts. Anything else is refused with a description of what 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -132,3 +133,17 @@ def find(name: str, dirs: Iterable[str | os.PathLike]) -> Path:
                     return d / (stem + suffix)
     searched = ", ".join(str(d) for d in dirs) or "no directories (set pipe.upscaler_dirs)"
     raise FileNotFoundError(f"no upscaler file for {name!r} ({' or '.join(s + '.pth' for s in stems)}) in {searched}")
+
+
+@functools.lru_cache(maxsize=2)
+def _cached(path: str, mtime: float) -> nn.Module:
+    return load(path)
+
+
+def resolve(upscaler: str | os.PathLike | nn.Module, dirs: Iterable[str | os.PathLike]) -> nn.Module:
+    """A loaded upscaler as it is; a name or path (see ``find``) loaded once and kept (on the CPU, float32) for the
+    generations that follow."""
+    if isinstance(upscaler, nn.Module):
+        return upscaler
+    path = find(os.fspath(upscaler), dirs)
+    return _cached(str(path), path.stat().st_mtime)

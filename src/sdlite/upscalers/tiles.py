@@ -127,3 +127,21 @@ def upscale(image: Image.Image | torch.Tensor | Sequence[Image.Image], model: nn
             picture = picture.resize((dest_w, dest_h), Image.Resampling.LANCZOS)
         results.append(picture)
     return results[0] if isinstance(image, Image.Image) else results
+
+
+def fit(image: Image.Image, model: nn.Module, width: int, height: int, tile: int = 192, overlap: int = 8, *,
+        bgr: bool = True) -> Image.Image:
+    """A1111's hires-fix image step, ``images.resize_image(1, image, width, height, upscaler_name)``: crop-and-resize
+    to width x height, the enlargement done by ``upscale`` with the model (A1111's scale rule), any remaining
+    difference by Lanczos, the result centred on a black width x height canvas (cropping what overflows).
+    ``bgr`` defaults to A1111's channel order, so that its infotexts reproduce."""
+    ratio, src_ratio = width / height, image.width / image.height
+    src_w = width if ratio > src_ratio else image.width * height // image.height
+    src_h = height if ratio <= src_ratio else image.height * width // image.width
+    scale = max(src_w / image.width, src_h / image.height)
+    resized = upscale(image, model, scale, tile, overlap, bgr=bgr) if scale > 1.0 else image
+    if resized.size != (src_w, src_h):
+        resized = resized.resize((src_w, src_h), Image.Resampling.LANCZOS)
+    out = Image.new("RGB", (width, height))
+    out.paste(resized, box=(width // 2 - src_w // 2, height // 2 - src_h // 2))
+    return out
