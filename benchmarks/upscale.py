@@ -35,8 +35,7 @@ IMPLS = {"spandrel": "spandrel", "sdlite": "sdlite (tiles 192/8)", "sdlite-until
 
 
 def write_weights(path: str, arch: str) -> None:
-    from sdlite.upscalers.rrdb import RRDBConfig, build
-    from sdlite.upscalers.srvgg import SRVGGConfig, SRVGGNetCompact
+    from sdlite.upscalers.archs import RRDBConfig, SRVGGConfig, SRVGGNetCompact, build
 
     torch.manual_seed(0)
     if arch == "rrdb":

@@ -7,8 +7,7 @@ import torch
 
 import sdlite.adapters.annotators as ann
 from sdlite.adapters.annotators import resample
-from sdlite.adapters.annotators.hed import ControlNetHED
-from sdlite.adapters.annotators.lineart import LineartGenerator
+from sdlite.adapters.annotators.edges import ControlNetHED, LineartGenerator
 from sdlite.errors import CheckpointError
 
 cv2 = pytest.importorskip("cv2")

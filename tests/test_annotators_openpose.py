@@ -11,7 +11,7 @@ import torch
 import sdlite.adapters.annotators as ann
 from sdlite.adapters.annotators import openpose
 from sdlite.adapters.annotators.draw import draw_bodypose
-from sdlite.adapters.annotators.openpose_net import BodyPoseNet
+from sdlite.adapters.annotators.openpose import BodyPoseNet
 from sdlite.errors import CheckpointError
 
 pytest.importorskip("cv2")

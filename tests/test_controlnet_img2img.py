@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import sdlite
 import sdlite.adapters.annotators as ann
-from sdlite.adapters.annotators.lineart import LineartGenerator
+from sdlite.adapters.annotators.edges import LineartGenerator
 from sdlite.adapters.controlnet import create_from_unet
 
 from conftest import randomize_, rel_err

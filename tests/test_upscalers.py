@@ -8,8 +8,7 @@ from PIL import Image
 
 import sdlite.upscalers as up
 from sdlite.errors import CheckpointError
-from sdlite.upscalers.rrdb import RRDBConfig, build
-from sdlite.upscalers.srvgg import SRVGGConfig, SRVGGNetCompact
+from sdlite.upscalers.archs import RRDBConfig, SRVGGConfig, SRVGGNetCompact, build
 
 spandrel = pytest.importorskip("spandrel")
 

@@ -7,9 +7,8 @@ does it (the "Hires upscaler" of its hires fix).
     path = sdlite.upscalers.find("R-ESRGAN 4x+", ["models/ESRGAN"])   # A1111 names or file stems
 """
 
+from .archs import ESRGAN, RRDBConfig, RRDBNet, SRVGGConfig, SRVGGNetCompact, infer_srvgg_config
 from .loader import A1111_NAMES, find, infer_rrdb_config, load, resolve
-from .rrdb import ESRGAN, RRDBConfig, RRDBNet
-from .srvgg import SRVGGConfig, SRVGGNetCompact, infer_srvgg_config
 from .tiles import fit, tile_starts, upscale, upscale_tensor
 
 __all__ = ["A1111_NAMES", "ESRGAN", "RRDBConfig", "RRDBNet", "SRVGGConfig", "SRVGGNetCompact", "find", "fit",

@@ -1,6 +1,6 @@
 """Loading upscaler files as published: the architecture is read from the keys and shapes, never from the name.
 
-Recognised: RRDBNet (ESRGAN / Real-ESRGAN / BSRGAN, see ``rrdb``) and SRVGGNetCompact (see ``srvgg``). Real-ESRGAN's
+Recognised: RRDBNet (ESRGAN / Real-ESRGAN / BSRGAN) and SRVGGNetCompact (see ``archs``). Real-ESRGAN's
 files keep their weights under ``params_ema`` (preferred, as Real-ESRGAN's own loader does) or ``params``; the other
 files are bare state dicts. Anything else is refused with a description of what the file holds.
 """
@@ -19,8 +19,7 @@ from torch import nn
 from ..checkpoint import open_tensor_file
 from ..checkpoint.materialize import materialize, plan
 from ..errors import CheckpointError
-from .rrdb import NAMED_LAYOUTS, RRDBConfig, build, unshuffle_factor
-from .srvgg import SRVGGNetCompact, infer_srvgg_config
+from .archs import NAMED_LAYOUTS, RRDBConfig, SRVGGNetCompact, build, infer_srvgg_config, unshuffle_factor
 
 WRAPPERS = ("params_ema.", "params.")
 SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt", ".bin")

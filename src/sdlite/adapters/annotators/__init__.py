@@ -26,10 +26,9 @@ from torch import nn
 from ...checkpoint import open_tensor_file
 from ...checkpoint.materialize import materialize, plan
 from ...errors import CheckpointError
-from . import hed, lineart, openpose
-from .hed import ControlNetHED
-from .lineart import LineartGenerator
-from .openpose_net import BodyPoseNet
+from . import openpose
+from .edges import ControlNetHED, LineartGenerator, detect_hed, detect_lineart, residual_blocks
+from .openpose import BodyPoseNet
 
 # preprocessor name -> (network kind, detector options, file names searched in order)
 PREPROCESSORS = {
@@ -41,7 +40,7 @@ PREPROCESSORS = {
     "lineart_coarse": ("lineart", {}, ("sk_model2.pth",)),
     "openpose": ("openpose", {}, ("body_pose_model.pth",)),
 }
-_DETECT = {"hed": hed.detect, "lineart": lineart.detect, "openpose": openpose.detect}
+_DETECT = {"hed": detect_hed, "lineart": detect_lineart, "openpose": openpose.detect}
 
 # Files of other annotators, recognised by one key so that the error can say what was given.
 _OTHERS = {
@@ -74,7 +73,7 @@ def _build(kind: str, keys) -> nn.Module:
     if kind == "hed":
         return ControlNetHED()
     if kind == "lineart":
-        return LineartGenerator(lineart.residual_blocks(keys))
+        return LineartGenerator(residual_blocks(keys))
     return BodyPoseNet()
 
 
