@@ -158,6 +158,8 @@ def test_find_by_a1111_name_or_stem(tmp_path):
     for stem in ("RealESRGAN_x4plus", "4x-UltraSharp", "ESRGAN_4x"):
         (tmp_path / f"{stem}.pth").write_bytes(b"")
     assert up.find("R-ESRGAN 4x+", [tmp_path]).name == "RealESRGAN_x4plus.pth"
+    assert up.loader.display_name(tmp_path / "RealESRGAN_x4plus.pth") == "R-ESRGAN 4x+"
+    assert up.loader.display_name(tmp_path / "4x-UltraSharp.pth") == "4x-UltraSharp"
     assert up.find("ESRGAN_4x", [tmp_path]).name == "ESRGAN_4x.pth"
     assert up.find("4x-UltraSharp", ["/nonexistent", tmp_path]).name == "4x-UltraSharp.pth"
     with pytest.raises(FileNotFoundError, match="RealESRGAN_x4plus_anime_6B.pth"):

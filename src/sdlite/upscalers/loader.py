@@ -91,7 +91,8 @@ def _describe(keys: list[str]) -> str:
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
     """An upscaler file as a module in eval mode: ``model(x)`` maps [B, 3, H, W] RGB in [0, 1] to
-    [B, 3, H·s, W·s]; ``model.scale`` is s and ``model.config`` the inferred architecture."""
+    [B, 3, H·s, W·s]; ``model.scale`` is s, ``model.config`` the inferred architecture and ``model.name`` the name
+    A1111 gives it ("R-ESRGAN 4x+" for RealESRGAN_x4plus.pth, else the file stem)."""
     tf = open_tensor_file(path)
     try:
         prefix = next((w for w in WRAPPERS if any(k.startswith(w) for k in tf.keys())), "")
@@ -111,9 +112,18 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         except ValueError as e:
             kind = "an RRDBNet (ESRGAN)" if rrdb else "an SRVGGNetCompact"
             raise CheckpointError(path, f"looks like {kind} upscaler but {e}") from None
-        return materialize(tf, p, dtype, device)
+        model = materialize(tf, p, dtype, device)
     finally:
         tf.close()
+    model.name = display_name(path)
+    return model
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """The name A1111 shows (and writes as "Hires upscaler") for an upscaler file: its own name for the files it
+    downloads, else the file stem."""
+    stem = Path(path).stem
+    return next((name for name, s in A1111_NAMES.items() if s == stem), stem)
 
 
 def find(name: str, dirs: Iterable[str | os.PathLike]) -> Path:
