@@ -14,6 +14,10 @@ each implementation then loads that file in a fresh process and upscales one ran
 * sdlite: ``sdlite.upscalers.load(path)`` and ``sdlite.upscalers.upscale(image, model)`` with A1111's tiling (192 px
   tiles, 8 px overlap: the 512x512 input runs as 3x3 tiles, 26% more pixels than the image) to a PIL image;
 * sdlite untiled: the same with ``tile=0`` (the network on the whole image, the work spandrel does).
+
+Besides wall time, each worker reports the CPU seconds (user + system over all its threads) its calls took: on a
+machine shared with other work, or with ``--parallel`` (the implementations run at the same time, to finish
+sooner), that is the fair comparison. Each result is also printed to stderr as soon as its worker ends.
 """
 
 from __future__ import annotations
@@ -72,7 +76,12 @@ def worker(impl: str, path: str, size: int, tile: int, warmup: int, reps: int) -
         def call():
             return torch.from_numpy(np.asarray(up.upscale(image, model, tile=tiles, overlap=8)))
 
+    before = os.times()
     result = time_calls(call, "cpu", warmup, reps)
+    after = os.times()
+    # CPU seconds (user + system, all threads) of the timed and warm-up calls: unlike wall time, unaffected by
+    # other processes competing for the cores.
+    result["cpu_s"] = (after.user + after.system - before.user - before.system) / (warmup + reps)
     result["peak_bytes"] = peak_rss()
     return {"impl": impl, **result}
 
@@ -85,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--reps", type=int, default=1)
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the implementations at the same time (compare their CPU seconds, not wall time)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=list(IMPLS), help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -98,27 +109,41 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "RealESRGAN_x4plus.pth" if args.arch == "rrdb" else "realesr-general-x4v3.pth")
         write_weights(weights, args.arch)
+        running = []
         for impl in args.impls.split(","):
             print(f"running {IMPLS[impl]} …", file=sys.stderr)
             cmd = [sys.executable, "-m", "benchmarks.upscale", "--worker", impl, "--weights", weights, "--size",
                    str(args.size), "--tile", str(args.tile), "--warmup", str(args.warmup), "--reps", str(args.reps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[impl] = json.loads(out.strip().splitlines()[-1])
+            running.append((impl, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)))
+            if not args.parallel:
+                _collect(*running.pop(), results)
+        for impl, process in running:
+            _collect(impl, process, results)
     name = "RRDBNet 23 blocks (RealESRGAN_x4plus)" if args.arch == "rrdb" else "SRVGGNetCompact (general-x4v3)"
     print(f"4x upscale, {name}, {args.size}x{args.size} → {4 * args.size}x{4 * args.size}, fp32, "
           f"{machine_name('cpu')}, {args.reps} timed run(s) after {args.warmup} warm-up")
-    print("| implementation | median (min-max) | peak RSS |")
-    print("|---|---|---|")
+    print("| implementation | wall median (min-max) | CPU seconds per call | peak RSS |")
+    print("|---|---|---|---|")
     for impl, r in results.items():
-        print(f"| {IMPLS[impl]} | {r['median_s']:.2f} s ({r['min_s']:.2f}-{r['max_s']:.2f}) | "
+        print(f"| {IMPLS[impl]} | {r['median_s']:.2f} s ({r['min_s']:.2f}-{r['max_s']:.2f}) | {r['cpu_s']:.1f} s | "
               f"{r['peak_bytes'] / 2**30:.2f} GiB |")
     if "spandrel" in results:
+        ref = results["spandrel"]
         for impl in (i for i in results if i != "spandrel"):
-            print(f"{IMPLS[impl]} / spandrel: time {results[impl]['median_s'] / results['spandrel']['median_s']:.3f}x,"
-                  f" peak RSS {results[impl]['peak_bytes'] / results['spandrel']['peak_bytes']:.3f}x")
+            r = results[impl]
+            print(f"{IMPLS[impl]} / spandrel: wall {r['median_s'] / ref['median_s']:.3f}x, CPU "
+                  f"{r['cpu_s'] / ref['cpu_s']:.3f}x, peak RSS {r['peak_bytes'] / ref['peak_bytes']:.3f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_name("cpu"), "args": vars(args), "results": results}, f, indent=2)
+
+
+def _collect(impl: str, process: subprocess.Popen, results: dict) -> None:
+    out, _ = process.communicate()
+    if process.returncode:
+        raise RuntimeError(f"the {impl} worker failed (exit {process.returncode})")
+    results[impl] = json.loads(out.strip().splitlines()[-1])
+    print(f"{impl}: {json.dumps(results[impl])}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
