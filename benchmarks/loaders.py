@@ -26,14 +26,16 @@ def _assign(model: torch.nn.Module, state: dict, device: str, dtype: torch.dtype
 
 def load_sdlite(component: str, spec: ModelSpec, path: str, device: str, dtype: torch.dtype):
     """sdlite's component(s), read from ``path`` by sdlite's own loader straight into ``dtype`` on ``device``."""
-    from sdlite.checkpoint import open_tensor_file, plan_components
+    from sdlite.checkpoint import open_tensor_file
+    from sdlite.checkpoint.family_table import heads_for_context
+    from sdlite.checkpoint.load import plan_components
     from sdlite.checkpoint.materialize import materialize, plan
     from sdlite.unet import UNetModel, infer_unet_config
     from sdlite.vae import AutoencoderKL, infer_vae_config
 
     with open_tensor_file(path) as tf:
         if component == "unet":
-            config = infer_unet_config(tf.meta(UNET_PREFIX))
+            config = infer_unet_config(tf.meta(UNET_PREFIX), heads_for_context)
             return materialize(tf, plan(tf, lambda: UNetModel(config), UNET_PREFIX), dtype, device)
         if component == "vae":
             config = infer_vae_config(tf.meta(VAE_PREFIX), scale_factor=spec.scale_factor)

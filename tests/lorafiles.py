@@ -1,5 +1,5 @@
 """LoRA-family files for the reduced test models, written the way each trainer names layers and tensors, with the
-weight each format should produce computed here from FORMATS.md 3.2-3.4 (einsum / kron), not by sdlite.
+weight each format should produce computed here from docs/formats.md §3.2-3.4 (einsum / kron), not by sdlite.
 
 A model's layers are listed once with their names in every convention: the diffusers name comes from diffusers'
 own UNet (built by its ldm converter from the same weights) and is matched to the sdlite module holding the same
@@ -170,7 +170,7 @@ def lora_tensors(fmt: str, shape: tuple[int, ...], g: torch.Generator) -> dict[s
 
 
 def expected_weight(t: dict[str, torch.Tensor], w: torch.Tensor, m: float) -> torch.Tensor:
-    """The weight W' a file's tensors make of ``w`` at user weight ``m``, from FORMATS.md 3.2-3.4."""
+    """The weight W' a file's tensors make of ``w`` at user weight ``m``, from docs/formats.md §3.2-3.4."""
     shape = w.shape
     t = {k: v.double() for k, v in t.items()}
     w = w.double()
@@ -229,7 +229,7 @@ def layer_name(layer: Layer, layout: str, family: str) -> str | None:
     """The name a file of ``layout`` gives ``layer`` (None: that layout cannot name it)."""
     if layout == "kohya":
         if layer.component == "unet":
-            # kohya trains SD 1.x/2.x on diffusers' UNet and SDXL on the original one (FORMATS.md 3.1).
+            # kohya trains SD 1.x/2.x on diffusers' UNet and SDXL on the original one (docs/formats.md §3.1).
             return "lora_unet_" + (layer.ldm if family.startswith("sdxl") else layer.dotted).replace(".", "_")
         prefix = "lora_te_" if family in ("sd1", "sd2") else _KOHYA_PREFIX[layer.component]
         return prefix + layer.dotted.replace(".", "_")

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 import sdlite
-from sdlite.checkpoint import TensorFile, open_tensor_file, plan_components
+from sdlite.checkpoint import TensorFile, open_tensor_file
+from sdlite.checkpoint.load import plan_components
 from sdlite.errors import CheckpointError, ShapeMismatchError, UnsafePickleError
 
 from sdfiles import FULL_UNETS, UNETS, build, full_key_set
@@ -150,6 +151,23 @@ def test_truncated_files(built, tmp_path):
             sdlite.load(path)
         if fmt == "safetensors":
             assert "truncated" in str(info.value)
+
+
+def test_safetensors_reads_across_remappings_and_never_write_the_file(tmp_path, monkeypatch):
+    from sdlite.checkpoint import files
+
+    state = {f"t{i}": torch.randn(64, 64) for i in range(8)}
+    path = tmp_path / "m.safetensors"
+    save_file(state, str(path))
+    before = path.read_bytes()
+    monkeypatch.setattr(files, "REMAP_BYTES", 3 * 64 * 64 * 4)  # a new mapping every third tensor
+    with open_tensor_file(path) as tf:
+        got = {k: tf.read(k) for k in state}  # same dtype on the CPU: tensors backed by the file's mappings
+        half = {k: tf.read(k, torch.float16) for k in state}
+    for key, value in state.items():
+        assert torch.equal(got[key], value) and torch.equal(half[key], value.half())
+        got[key] += 1  # the mapping is private: changing the weights never changes the file
+    assert path.read_bytes() == before
 
 
 class _Exploit:

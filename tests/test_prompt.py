@@ -1,4 +1,4 @@
-"""sdlite.prompt against A1111's prompt rules (FORMATS.md 7), with expected values written from the rules by hand.
+"""sdlite.prompt against A1111's prompt rules (docs/formats.md §7), with expected values written from the rules by hand.
 
 Weights are written as the products the rules give, in the order A1111 applies them (innermost bracket first, open
 brackets at the end of the text, round before square): R = 1.1, S = 1/1.1. A1111's own doctest examples are included;

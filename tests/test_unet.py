@@ -8,6 +8,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
 from sdlite.errors import CheckpointError
+from sdlite.checkpoint.family_table import heads_for_context
 from sdlite.unet import UNetConfig, UNetModel, infer_unet_config
 from sdlite.unet.blocks import timestep_embedding
 
@@ -140,7 +141,7 @@ def test_config_is_inferred_from_shapes(name):
     config = UNetConfig(**globals()[name])
     with torch.device("meta"):
         sd = UNetModel(config).state_dict()
-    assert infer_unet_config(sd) == config
+    assert infer_unet_config(sd, heads_for_context) == config
 
 
 def test_single_res_block_middle_is_inferred():
@@ -148,7 +149,7 @@ def test_single_res_block_middle_is_inferred():
     with torch.device("meta"):
         model = UNetModel(config)
     assert len(model.middle_block) == 1
-    assert infer_unet_config(model.state_dict()) == config
+    assert infer_unet_config(model.state_dict(), heads_for_context) == config
 
 
 def test_missing_and_inconsistent_keys_name_the_key():
@@ -156,10 +157,10 @@ def test_missing_and_inconsistent_keys_name_the_key():
         sd = UNetModel(UNetConfig(**SD1)).state_dict()
     broken = {k: v for k, v in sd.items() if k != "out.2.weight"}
     with pytest.raises(CheckpointError, match="out.2.weight"):
-        infer_unet_config(broken)
+        infer_unet_config(broken, heads_for_context)
     broken = {k: v for k, v in sd.items() if not k.startswith("output_blocks.11.")}
     with pytest.raises(CheckpointError, match="11 output blocks, expected 12"):
-        infer_unet_config(broken)
+        infer_unet_config(broken, heads_for_context)
 
 
 def test_adm_vector_is_required_exactly_when_the_unet_has_label_emb():
@@ -174,7 +175,7 @@ def test_adm_vector_is_required_exactly_when_the_unet_has_label_emb():
 @torch.no_grad()
 def test_full_size_unet_matches_diffusers(name):
     ours, ref, config = build_pair(FULL[name])
-    assert infer_unet_config(ours.state_dict()) == config
+    assert infer_unet_config(ours.state_dict(), heads_for_context) == config
     x, t, context, g = inputs(config, batch=1, h=16, w=16)
     kwargs, y = {}, None
     if config.adm_in_channels:

@@ -105,7 +105,7 @@ def test_infer_config_recovers_config(config: VAEConfig) -> None:
 
 
 def test_sd_vae_key_layout() -> None:
-    """Spot checks against FORMATS.md §1.2; the full key set is checked by the diffusers parity tests."""
+    """Spot checks against docs/formats.md §1.4; the full key set is checked by the diffusers parity tests."""
     with torch.device("meta"):
         model = AutoencoderKL(FULL)
     sd = model.state_dict()

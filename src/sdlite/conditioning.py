@@ -1,5 +1,6 @@
 """Prompt text to UNet conditioning the way AUTOMATIC1111 encodes it (stable-diffusion-webui
-``modules/sd_hijack_clip.py``, ``sd_emphasis.py``, ``sd_hijack.py``, ``prompt_parser.py``; FORMATS.md 7.4-7.5, 4).
+``modules/sd_hijack_clip.py``, ``sd_emphasis.py``, ``sd_hijack.py``, ``prompt_parser.py``; docs/formats.md §7.4-7.5,
+§4).
 
 A prompt is read for emphasis (``sdlite.prompt.parse_attention``) and each weighted segment is tokenised on its own.
 The tokens fill chunks of 75, each sent to the text encoder as ``<start> 75 tokens <end>`` (77); a chunk that
@@ -23,17 +24,16 @@ import torch
 from torch import nn
 
 from .adapters.embeddings import Embedding, EmbeddingSet
+from .checkpoint.family_table import FAMILIES, get_family
 from .clip import BOS, EOS, get_tokenizer
 from .prompt import parse_attention, schedules
 
 __all__ = ["Conditioning", "PromptChunk", "ScheduledConditioning", "chunk_prompt", "encode_schedule", "encode_text",
            "pad_to_chunks"]
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner")
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20  # A1111's "Prompt word wrap length limit" (comma_padding_backtrack), at its default
-_ENCODERS = {"sd1": 1, "sd2": 1, "sdxl": 2, "sdxl-refiner": 1}
 
 
 @dataclass
@@ -134,20 +134,6 @@ def chunk_prompt(text: str, *, embeddings: EmbeddingSet | None = None,
     return chunker.chunks
 
 
-def _layer_rule(family: str, encoder: nn.Module, clip_skip: int) -> tuple[int, bool, bool]:
-    """(layer, final_norm, pooled) of one text encoder, as each family's original code reads it (FORMATS.md 1.2-1.4).
-
-    SD1: layer -clip_skip through the final LayerNorm. SD2: penultimate layer through ln_final. SDXL and refiner:
-    penultimate layers without final norm, the pooled vector from the OpenCLIP tower. Clip skip is SD1's only, as in
-    A1111.
-    """
-    if family == "sd1":
-        return -clip_skip, True, False
-    if family == "sd2":
-        return -2, True, False
-    return -2, False, encoder.config.layout == "openclip"
-
-
 def _token_table(encoder: nn.Module) -> nn.Module:
     # Each layout keeps its token-embedding table under the checkpoint's own key name.
     return encoder.text_model.embeddings.token_embedding if encoder.config.layout == "clip" else encoder.token_embedding
@@ -191,10 +177,9 @@ def _emphasize(z: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, emp
 
 
 def _check(encoders: Sequence[nn.Module], family: str, clip_skip: int, embeddings: EmbeddingSet | None) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
-    if len(encoders) != _ENCODERS[family]:
-        raise ValueError(f"{family} has {_ENCODERS[family]} text encoder(s), got {len(encoders)}")
+    expected = len(get_family(family).text_encoders)
+    if len(encoders) != expected:
+        raise ValueError(f"{family} has {expected} text encoder(s), got {len(encoders)}")
     if clip_skip < 1:
         raise ValueError(f"clip_skip counts from 1 (the last layer), got {clip_skip}")
     widths = tuple(e.config.width for e in encoders)
@@ -211,8 +196,11 @@ def _encode(rows: list[list[PromptChunk]], counts: list[int], encoders: Sequence
     weights = torch.tensor([c.weights for c in flat]).view(k, b, -1)
     multiplicity = torch.tensor(counts, dtype=torch.float32)
     contexts, pooled = [], None
-    for index, encoder in enumerate(encoders):
-        layer, final_norm, want_pooled = _layer_rule(family, encoder, clip_skip)
+    # Each family's layer rule (docs/formats.md §1.6): SD1 reads layer -clip_skip through the final LayerNorm, SD2
+    # the penultimate layer through ln_final, SDXL and its refiner penultimate layers without final norm with the
+    # pooled vector from the OpenCLIP tower. Clip skip moves SD1's layer only, as in A1111.
+    for index, (encoder, rule) in enumerate(zip(encoders, FAMILIES[family].text_encoders)):
+        layer, final_norm, want_pooled = rule.read(clip_skip)
         out = _run_encoder(encoder, index, flat, embeddings, layer, final_norm, want_pooled)
         z = _emphasize(out.hidden.view(k, b, *out.hidden.shape[1:]), weights, multiplicity, emphasis)
         contexts.append(z.transpose(0, 1).reshape(b, -1, z.shape[-1]))
@@ -282,7 +270,7 @@ def encode_schedule(text: str, encoders: Sequence[nn.Module], family: str, steps
     distinct = list(counts)
     rows = [chunk_prompt(t, embeddings=embeddings, emphasis=emphasis) for t in distinct]
     cond = _encode(rows, [counts[t] for t in distinct], encoders, family, clip_skip, embeddings, emphasis)
-    if negative and family in ("sdxl", "sdxl-refiner") and all(t == "" for t in distinct):
+    if negative and FAMILIES[family].zero_empty_negative and all(t == "" for t in distinct):
         cond = Conditioning(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
     row = {t: i for i, t in enumerate(distinct)}
     entries = [(end, Conditioning(cond.context[row[t] : row[t] + 1],

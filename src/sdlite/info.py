@@ -6,7 +6,8 @@ import math
 import os
 from collections import Counter
 
-from .checkpoint import describe, open_tensor_file, plan_components
+from .checkpoint import describe, open_tensor_file
+from .checkpoint.load import plan_components
 from .errors import CheckpointError
 
 

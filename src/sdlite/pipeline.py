@@ -13,7 +13,8 @@ from torch import nn
 
 from .adapters import annotators
 from .adapters.lora import LoraHandle, apply_lora
-from .checkpoint import load_components
+from .checkpoint.family_table import FAMILIES
+from .checkpoint.load import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .conditioning import Conditioning, encode_text
 from .generate import Hires, Job, Result, generate
@@ -106,10 +107,8 @@ class StableDiffusion:
 
     @property
     def native_size(self) -> int:
-        """The side the family was trained at: 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
-        if self.family.startswith("sdxl"):
-            return 1024
-        return 768 if self.family == "sd2" and self.prediction == "v" else 512
+        """The side the family was trained at (``family_table``): 1024 for SDXL, 768 for SD 2.x v-models, else 512."""
+        return FAMILIES[self.family].size_for(self.prediction)
 
     @functools.cached_property
     def model_hash(self) -> str:

@@ -1,5 +1,5 @@
 """AUTOMATIC1111's prompt syntax as plain data (stable-diffusion-webui ``modules/prompt_parser.py`` and
-``modules/extra_networks.py``; FORMATS.md 3.6 and 7).
+``modules/extra_networks.py``; docs/formats.md §3.6, §7).
 
 A1111 reads a prompt in this order, and so does ``sdlite.conditioning``: extra-network tags such as ``<lora:name:0.8>``
 are taken out (:func:`extract_networks`); the rest is split on ``AND`` into weighted parts (:func:`split_and`); each
@@ -231,7 +231,7 @@ _WHEN = re.compile(r"\s*([+-]?(?:[0-9]+[eE][+-]?[0-9]+|(?:[0-9]+\.[0-9]*|\.[0-9]
 
 
 class _ScheduleParser:
-    """A1111's lark grammar for prompt editing, read by hand (FORMATS.md 7.2)::
+    """A1111's lark grammar for prompt editing, read by hand (docs/formats.md §7.2)::
 
         start:     (prompt | /[][():]/+)*
         prompt:    (emphasized | scheduled | alternate | plain | WHITESPACE)*

@@ -29,11 +29,14 @@ import torch
 from torch import nn
 
 from ..checkpoint import identify, open_tensor_file
+from ..checkpoint.family_table import heads_for_context
 from ..checkpoint.files import TensorFile
 from ..checkpoint.materialize import materialize, plan
+from ..checkpoint.shapes import ShapeReader
 from ..conv import Conv2d
 from ..errors import CheckpointError
 from ..unet import UNetModel
+from ..unet.attention import AttentionPatch, name_attention_layers
 from ..unet.model import build_encoder, embed_timesteps
 from ..unet.config import UNetEncoderConfig, config_from_fields, read_encoder_fields
 from . import preprocess
@@ -61,16 +64,18 @@ class ControlNetConfig(UNetEncoderConfig):
             raise ValueError(f"hint block stages {self.hint_block_channels} do not downsample x{HINT_DOWNSAMPLING}")
 
 
-def infer_controlnet_config(sd) -> ControlNetConfig:
-    """Read a ControlNetConfig from the shapes of a state dict in the original layout (``control_model.`` removed)."""
-    fields = read_encoder_fields(sd, "ControlNet")
+def infer_controlnet_config(sd, *, prefix: str = "") -> ControlNetConfig:
+    """Read a ControlNetConfig from the shapes of a state dict in the original layout (``control_model.`` removed;
+    ``prefix`` names it in messages). Heads follow the UNet's rule for the context width (docs/formats.md §5)."""
+    shape = ShapeReader(sd, "ControlNet", prefix)
+    fields = read_encoder_fields(shape)
     convs = sorted(int(m[1]) for m in map(re.compile(r"^input_hint_block\.(\d+)\.weight$").match, sd) if m)
     if not convs or convs != list(range(0, 2 * len(convs), 2)) or len(convs) % 2:
-        raise CheckpointError(None, f"ControlNet input_hint_block has convolutions at {convs}, expected an even "
-                                    "number of them at indices 0, 2, 4, … (SiLU between)")
-    fields["hint_channels"] = sd["input_hint_block.0.weight"].shape[1]
-    fields["hint_block_channels"] = tuple(sd[f"input_hint_block.{i}.weight"].shape[0] for i in convs[:-1:2])
-    return config_from_fields(ControlNetConfig, fields, "ControlNet")
+        raise CheckpointError(None, f"ControlNet {shape.file_key('input_hint_block')} has convolutions at {convs}, "
+                                    "expected an even number of them at indices 0, 2, 4, … (SiLU between)")
+    fields["hint_channels"] = shape("input_hint_block.0.weight", ndim=4)[1]
+    fields["hint_block_channels"] = tuple(shape(f"input_hint_block.{i}.weight", ndim=4)[0] for i in convs[:-1:2])
+    return config_from_fields(ControlNetConfig, fields, heads_for_context, "ControlNet")
 
 
 def _conv1x1(channels: int) -> nn.Sequential:
@@ -98,15 +103,19 @@ class ControlNet(nn.Module):
                      Conv2d(ch_in, ch_out, 3, padding=1, stride=2), nn.SiLU()]
         hint.append(Conv2d(c.hint_block_channels[-1], c.model_channels, 3, padding=1))
         self.input_hint_block = nn.Sequential(*hint)
+        name_attention_layers(self)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.time_embed[0].weight.dtype
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor | float,
-                context: torch.Tensor | None = None, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+                context: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                patches: Sequence[AttentionPatch] | None = None) -> list[torch.Tensor]:
         """Residuals for the UNet from latents ``x`` [B, C, H, W] and the control image ``hint`` [B, hint_channels,
-        8H, 8W] (RGB in [0, 1]); ``timesteps``, ``context`` and ``y`` as the UNet takes them."""
+        8H, 8W] (RGB in [0, 1]); ``timesteps``, ``context`` and ``y`` as the UNet takes them. ``patches``:
+        attention patches for the ControlNet's own attention layers (keys as in its state dict, e.g.
+        ``input_blocks.4.1.transformer_blocks.0.attn2``), given only to this model."""
         expected = (x.shape[-2] * HINT_DOWNSAMPLING, x.shape[-1] * HINT_DOWNSAMPLING)
         if tuple(hint.shape[-2:]) != expected:
             raise ValueError(f"hint is {hint.shape[-1]}x{hint.shape[-2]} pixels, but latents of {x.shape[-1]}x"
@@ -120,11 +129,11 @@ class ControlNet(nn.Module):
         h = x.to(dtype)
         outs = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = block(h, emb, context, patches=patches)
             if i == 0:
                 h = h + guided_hint
             outs.append(zero_conv(h))
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, patches=patches)
         outs.append(self.middle_block_out(h))
         return outs
 
@@ -200,7 +209,7 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
     with open_tensor_file(path) as tf:
         try:
             view, prefix = _layout(tf)
-            config = infer_controlnet_config(view.meta(prefix))
+            config = infer_controlnet_config(view.meta(prefix), prefix=prefix)
             p = plan(view, lambda: ControlNet(config), prefix, name="ControlNet")
         except CheckpointError as e:
             if e.path is None:

@@ -1,5 +1,5 @@
 """Textual-inversion embeddings (Gal et al. 2022, "An Image is Worth One Word") as A1111 loads and finds them
-(stable-diffusion-webui ``modules/textual_inversion/textual_inversion.py``, ``modules/sd_hijack.py``; FORMATS.md 4).
+(stable-diffusion-webui ``modules/textual_inversion/textual_inversion.py``, ``modules/sd_hijack.py``; docs/formats.md §4).
 
 An embedding is a few learnt token vectors; a prompt uses it by its name, which is the file name without extension.
 Formats read, by their keys:

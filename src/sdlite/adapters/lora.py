@@ -11,7 +11,7 @@ numbers. While anything is merged into a parameter, a copy of its original value
 last LoRA copies it back, so the model returns to its exact original bits. While a LoRA is injected, ``state_dict()``
 lists the changed weights as ``….parametrizations.weight.original`` (PyTorch's parametrization layout).
 
-Key names are mapped by ``lora_keys``, the per-format ΔW formulas live in ``lora_formats`` (FORMATS.md 3).
+Key names are mapped by ``lora_keys``, the per-format ΔW formulas live in ``lora_formats`` (docs/formats.md §3).
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def apply_lora(unet: nn.Module, text_encoders: Sequence[nn.Module], path: str | 
 
 
 def lora_hash(path: str | os.PathLike, full: bool = False) -> str:
-    """A1111's LoRA hash (FORMATS.md 6.4): the ``sshs_model_hash`` metadata, else for safetensors the "addnet" hash
+    """A1111's LoRA hash (docs/formats.md §6.4): the ``sshs_model_hash`` metadata, else for safetensors the "addnet" hash
     (sha256 of the bytes after the JSON header), else the sha256 of the file. 12 hex digits unless ``full``."""
     tf = open_tensor_file(path)
     try:

@@ -1,4 +1,4 @@
-"""The weight update each LoRA-family format describes for one layer (FORMATS.md 3.2-3.4).
+"""The weight update each LoRA-family format describes for one layer (docs/formats.md §3.2-3.4).
 
 * LoRA (kohya, diffusers, PEFT) and LyCORIS LoCon: ΔW = up @ down, with an optional Tucker core ``lora_mid`` for
   k×k convolutions (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
@@ -94,7 +94,7 @@ class LayerUpdate:
             return t["down"].shape[0]
         if "hada_w1_b" in t:
             return t["hada_w1_b"].shape[0]
-        # LoKr has a rank only where a factor is low-rank (FORMATS.md 3.3).
+        # LoKr has a rank only where a factor is low-rank (docs/formats.md §3.3).
         for role in ("lokr_w1_b", "lokr_w2_b"):
             if role in t:
                 return t[role].shape[0]

@@ -1,4 +1,4 @@
-"""LoRA-family key names → sdlite modules: the one rule-based mapping (FORMATS.md 3.1, 3.4, 3.5).
+"""LoRA-family key names → sdlite modules: the one rule-based mapping (docs/formats.md §3.1, §3.4, §3.5).
 
 Files name a layer in one of these conventions, followed by a tensor suffix:
 
@@ -141,7 +141,7 @@ Rule = tuple[re.Pattern, Callable[[re.Match], str | None]]
 
 
 class _UNetNames:
-    """Flat names of a UNet's layers; diffusers names are rewritten to original ones (FORMATS.md 3.5)."""
+    """Flat names of a UNet's layers; diffusers names are rewritten to original ones (docs/formats.md §3.5)."""
 
     _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "time_emb_proj": "emb_layers_1",
                "conv_shortcut": "skip_connection"}

@@ -1,7 +1,8 @@
 """What a file is, from its keys alone: which SD family, which components under which prefixes, or what else.
 
 The key prefixes are those of the original training code (CompVis/Stability-AI ldm for SD 1.x/2.x, Stability-AI
-sgm for SDXL); FORMATS.md sections 1 and 2 describe them.
+sgm for SDXL); docs/formats.md §1 describes them. What sdlite knows about each family once identified is in
+``family_table``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from .files import TensorFile
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
-SCALE_FACTORS = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl-refiner": 0.13025}
 
 # Keys that training leaves in checkpoints and inference does not use: EMA shadows, the DDPM schedule buffers
 # (sdlite computes the schedule itself), sgm's denoiser sigmas, CLIP's position ids.

@@ -1,5 +1,5 @@
 """CLIP text side of Stable Diffusion: the BPE tokenizer and the CLIP-L / OpenCLIP text encoders in their
-checkpoint layouts (FORMATS.md 1.2-1.4)."""
+checkpoint layouts (docs/formats.md §1.6)."""
 
 from __future__ import annotations
 

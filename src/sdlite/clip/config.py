@@ -1,6 +1,6 @@
 """Configuration of the CLIP text encoders used by Stable Diffusion, inferred from checkpoint tensor shapes.
 
-Two on-disk layouts exist (FORMATS.md 1.2-1.4):
+Two on-disk layouts exist (docs/formats.md §1.6):
 
 * ``"clip"``: OpenAI CLIP ViT-L/14 text model in the Hugging Face transformers layout
   (``text_model.encoder.layers.N…``), as SD1 stores it under ``cond_stage_model.transformer.`` and SDXL under
@@ -13,13 +13,13 @@ The inference functions receive a state dict whose component prefix has already 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from sdlite.errors import CheckpointError, ShapeMismatchError
+from sdlite.checkpoint.shapes import ShapeReader
+from sdlite.errors import CheckpointError
 
 LAYOUTS = ("clip", "openclip")
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -64,21 +64,22 @@ class TextEncoderConfig:
         return self.width // self.heads
 
 
-def infer_clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
-    """Config of an HF-layout CLIP text model (keys ``text_model.…``, prefix removed) from its tensor shapes."""
-    p = "text_model."
-    vocab, width = _shape(sd, p + "embeddings.token_embedding.weight", ndim=2)
-    context, _ = _shape(sd, p + "embeddings.position_embedding.weight", expected=(None, width))
-    layers = _count_layers(sd, p + "encoder.layers.", "mlp.fc1.weight")
-    mlp_width, _ = _shape(sd, p + "encoder.layers.0.mlp.fc1.weight", expected=(None, width))
-    _shape(sd, p + "encoder.layers.0.mlp.fc2.weight", expected=(width, mlp_width))
-    _shape(sd, p + "encoder.layers.0.self_attn.q_proj.weight", expected=(width, width))
-    _shape(sd, p + "final_layer_norm.weight", expected=(width,))
+def infer_clip_config(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> TextEncoderConfig:
+    """Config of an HF-layout CLIP text model (keys ``text_model.…``, the file's ``prefix`` removed; it only names
+    keys in messages) from its tensor shapes."""
+    shape, p = ShapeReader(sd, "text encoder", prefix), "text_model."
+    vocab, width = shape(p + "embeddings.token_embedding.weight", ndim=2)
+    context, _ = shape(p + "embeddings.position_embedding.weight", expected=(None, width))
+    layers = shape.count(p + "encoder.layers.", "mlp.fc1.weight")
+    mlp_width, _ = shape(p + "encoder.layers.0.mlp.fc1.weight", expected=(None, width))
+    shape(p + "encoder.layers.0.mlp.fc2.weight", expected=(width, mlp_width))
+    shape(p + "encoder.layers.0.self_attn.q_proj.weight", expected=(width, width))
+    shape(p + "final_layer_norm.weight", expected=(width,))
     return TextEncoderConfig(
         layout="clip",
         width=width,
         layers=layers,
-        heads=_heads(width, p + "embeddings.token_embedding.weight"),
+        heads=_heads(width, shape.file_key(p + "embeddings.token_embedding.weight")),
         mlp_width=mlp_width,
         vocab_size=vocab,
         context_length=context,
@@ -87,62 +88,29 @@ def infer_clip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
     )
 
 
-def infer_openclip_config(sd: Mapping[str, torch.Tensor]) -> TextEncoderConfig:
+def infer_openclip_config(sd: Mapping[str, torch.Tensor], *, prefix: str = "") -> TextEncoderConfig:
     """Config of an open_clip text tower (keys ``token_embedding.weight``, ``transformer.resblocks.N…``,
-    ``text_projection``; prefix removed) from its tensor shapes."""
-    vocab, width = _shape(sd, "token_embedding.weight", ndim=2)
-    context, _ = _shape(sd, "positional_embedding", expected=(None, width))
-    layers = _count_layers(sd, "transformer.resblocks.", "mlp.c_fc.weight")
-    mlp_width, _ = _shape(sd, "transformer.resblocks.0.mlp.c_fc.weight", expected=(None, width))
-    _shape(sd, "transformer.resblocks.0.mlp.c_proj.weight", expected=(width, mlp_width))
-    _shape(sd, "transformer.resblocks.0.attn.in_proj_weight", expected=(3 * width, width))
-    _shape(sd, "ln_final.weight", expected=(width,))
-    _, projection_dim = _shape(sd, "text_projection", expected=(width, None))
+    ``text_projection``; the file's ``prefix`` removed, it only names keys in messages) from its tensor shapes."""
+    shape = ShapeReader(sd, "text encoder", prefix)
+    vocab, width = shape("token_embedding.weight", ndim=2)
+    context, _ = shape("positional_embedding", expected=(None, width))
+    layers = shape.count("transformer.resblocks.", "mlp.c_fc.weight")
+    mlp_width, _ = shape("transformer.resblocks.0.mlp.c_fc.weight", expected=(None, width))
+    shape("transformer.resblocks.0.mlp.c_proj.weight", expected=(width, mlp_width))
+    shape("transformer.resblocks.0.attn.in_proj_weight", expected=(3 * width, width))
+    shape("ln_final.weight", expected=(width,))
+    _, projection_dim = shape("text_projection", expected=(width, None))
     return TextEncoderConfig(
         layout="openclip",
         width=width,
         layers=layers,
-        heads=_heads(width, "token_embedding.weight"),
+        heads=_heads(width, shape.file_key("token_embedding.weight")),
         mlp_width=mlp_width,
         vocab_size=vocab,
         context_length=context,
         projection_dim=projection_dim,
         activation="gelu",
     )
-
-
-def _shape(
-    sd: Mapping[str, torch.Tensor],
-    key: str,
-    *,
-    ndim: int | None = None,
-    expected: tuple[int | None, ...] | None = None,
-) -> tuple[int, ...]:
-    """The shape of ``sd[key]``, checked against ``expected`` (None = any size) or a dimension count."""
-    if key not in sd:
-        raise CheckpointError(None, f"text encoder key {key!r} is missing")
-    found = tuple(sd[key].shape)
-    if expected is not None:
-        if len(found) != len(expected) or any(e is not None and e != f for e, f in zip(expected, found)):
-            # Unknown sizes are shown as -1 in the message ("any size").
-            raise ShapeMismatchError(None, key, [-1 if e is None else e for e in expected], found)
-    elif ndim is not None and len(found) != ndim:
-        raise CheckpointError(None, f"tensor {key!r} has shape {list(found)}, expected {ndim} dimensions")
-    return found
-
-
-def _count_layers(sd: Mapping[str, torch.Tensor], prefix: str, marker: str) -> int:
-    """Number of transformer layers: the present indices under ``prefix`` must run 0..n-1 without gaps."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    indices = {int(m.group(1)) for key in sd if (m := pattern.match(key))}
-    if not indices:
-        raise CheckpointError(None, f"text encoder key {prefix + '0.' + marker!r} is missing (no layers found)")
-    for i in range(max(indices) + 1):
-        if (key := f"{prefix}{i}.{marker}") not in sd:
-            raise CheckpointError(
-                None, f"text encoder key {key!r} is missing (keys of layers up to {max(indices)} are present)"
-            )
-    return max(indices) + 1
 
 
 def _heads(width: int, key: str) -> int:

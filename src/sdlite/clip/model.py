@@ -174,7 +174,7 @@ class CLIPTextTransformer(nn.Module):
 class CLIPTextModel(_TextTransformer):
     """OpenAI CLIP ViT-L/14 text model with the HF transformers key names (``text_model.…``).
 
-    Usage in the SD families (FORMATS.md 1.2, 1.4; chosen by the pipeline, not here):
+    Usage in the SD families (docs/formats.md §1.6; chosen by the pipeline, not here):
     SD1 uses ``layer=-1, final_norm=True`` (last_hidden_state); A1111's "clip skip n" is ``layer=-n, final_norm=True``.
     SDXL's CLIP-L uses ``layer=-2, final_norm=False`` and no pooled output. ``pooled`` here is HF's pooler_output,
     final_layer_norm(last layer) at the end-of-text token, [B, width].
@@ -253,7 +253,7 @@ class OpenCLIPTransformer(nn.Module):
 class OpenCLIPTextModel(_TextTransformer):
     """open_clip text tower with open_clip's key names, the part of an open_clip CLIP that SD files keep.
 
-    Usage in the SD families (FORMATS.md 1.3, 1.4; chosen by the pipeline, not here):
+    Usage in the SD families (docs/formats.md §1.6; chosen by the pipeline, not here):
     SD2 (ViT-H/14) uses ``layer=-2, final_norm=True`` (penultimate layer, then ln_final).
     SDXL (ViT-bigG/14) uses ``layer=-2, final_norm=False, pooled=True``; the pooled vector is
     ln_final(last layer) at the end-of-text token @ text_projection, [B, projection_dim] (open_clip's encode_text

@@ -21,12 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoint.family_table import FAMILIES
 from .denoiser import DiscreteSchedule, append_zero
-
-# Align Your Steps 10-step schedules (11 σ, the last being SD's σ_min), from NVIDIA's published "how to" page
-# (https://research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html; Sabour et al. 2024, arXiv:2404.14507).
-AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
-AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 
 
 def _karras(n, sigma_min, sigma_max, table, dtype, *, rho: float = 7.0):
@@ -95,7 +91,7 @@ def _kl_optimal(n, sigma_min, sigma_max, table, dtype):
 def _align_your_steps(n, sigma_min, sigma_max, table, dtype, *, family: str = "sd1"):
     """NVIDIA's 10-step AYS tables, interpolated linearly in log σ over an even grid to n values, then 0.
     ``family`` picks the SDXL table for "sdxl"/"sdxl-refiner", SD 1.5's for anything else (as A1111 does)."""
-    base = np.array(AYS_SDXL if family.startswith("sdxl") else AYS_SD15, dtype=np.float64)
+    base = np.array(FAMILIES.get(family, FAMILIES["sd1"]).ays_sigmas, dtype=np.float64)  # tables: family_table
     if n != len(base):
         log_rising = np.log(base[::-1])
         base = np.exp(np.interp(np.linspace(0, 1, n), np.linspace(0, 1, len(base)), log_rising))[::-1]

@@ -3,17 +3,23 @@
 Attribute names are the original ones (``in_layers``, ``emb_layers``, ``transformer_blocks``, ``to_q`` …) so that
 ``state_dict()`` keys are the checkpoint's keys; index gaps inside ``nn.Sequential`` hold parameter-free layers
 exactly where the original has its SiLU or Dropout.
+
+Every layer is called as a module, never read around: a layer wrapped for training (a PEFT LoRA wrapper, a forward
+hook, a parametrization, a replaced module) takes effect wherever it sits. The attention layer and its extension
+point (attention patches) are in ``attention.py``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..conv import Conv2d
+from .attention import AttentionPatch, CrossAttention
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -31,35 +37,30 @@ def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
 
-def pointwise(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a Linear or a 1x1 Conv2d to tokens [B, N, C_in] as one matrix product.
-
-    SD 1.x stores proj_in/proj_out as 1x1 convolutions, SD 2.x/XL as Linear layers; on tokens both are the same
-    product, and doing it on tokens saves two layout changes of the whole feature map.
-    """
-    return F.linear(x, layer.weight.flatten(1), layer.bias)
-
-
 class ResBlock(nn.Module):
     """Residual block with the timestep embedding added between its two convolutions."""
 
     def __init__(self, channels: int, emb_channels: int, out_channels: int):
         super().__init__()
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(), Conv2d(channels, out_channels, 3, padding=1))
+        # GroupNorm's output is a fresh tensor whose backward does not need it, so SiLU after it works in place:
+        # one feature-map allocation fewer per SiLU. (A module standing in for the norm must return a new tensor,
+        # as every layer with weights does.)
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(inplace=True), Conv2d(channels, out_channels, 3, padding=1)
+        )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            normalization(out_channels), nn.SiLU(), nn.Dropout(0.0), Conv2d(out_channels, out_channels, 3, padding=1)
+            normalization(out_channels), nn.SiLU(inplace=True), nn.Dropout(0.0),
+            Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        # GroupNorm's and the convolutions' outputs are fresh tensors whose backward does not need them, so SiLU,
-        # the embedding and the residual are applied in place: three feature-map allocations fewer per block.
-        norm, _, conv = self.in_layers
-        h = conv(F.silu(norm(x), inplace=True))
+        # The convolutions' outputs are fresh tensors whose backward does not need them, so the embedding and the
+        # residual are added in place.
+        h = self.in_layers(x)
         h.add_(self.emb_layers(emb)[:, :, None, None])
-        norm, _, _, conv = self.out_layers
-        return conv(F.silu(norm(h), inplace=True)).add_(self.skip_connection(x))
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class Downsample(nn.Module):
@@ -86,29 +87,6 @@ class Upsample(nn.Module):
         return self.conv(x)
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries from ``x`` over ``context`` (or over ``x`` itself), bias-free q/k/v."""
-
-    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
-        super().__init__()
-        inner = heads * head_dim
-        self.heads = heads
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(0.0))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        b, n, _ = x.shape
-        # [B, N, heads*d] -> [B, heads, N, d]
-        q = self.to_q(x).view(b, n, self.heads, -1).transpose(1, 2)
-        k = self.to_k(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        v = self.to_v(context).view(b, context.shape[1], self.heads, -1).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
-
-
 class GEGLU(nn.Module):
     """Gated GELU projection of "GLU Variants Improve Transformer" (Shazeer 2020): value half times GELU(gate half)."""
 
@@ -128,6 +106,7 @@ FF_CHUNK_BYTES = 8 << 20
 class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4):
         super().__init__()
+        self.hidden = dim * mult * 2  # width of the GEGLU projection, the largest activation
         self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,12 +116,14 @@ class FeedForward(nn.Module):
         # and glibc gives blocks above 32 MiB fresh pages on every call, whose page faults cost as much as the
         # products. Chunks of tokens keep them small enough to be reused from the heap (and in cache).
         rows = x.shape[:-1].numel()
-        step = max(1, FF_CHUNK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+        step = max(1, FF_CHUNK_BYTES // (self.hidden * x.element_size()))
         if rows <= step:
             return self.net(x)
         flat = x.reshape(rows, x.shape[-1])
-        out = x.new_empty(rows, self.net[2].out_features)
-        for i in range(0, rows, step):
+        first = self.net(flat[:step])
+        out = first.new_empty(rows, first.shape[-1])
+        out[:step] = first
+        for i in range(step, rows, step):
             out[i:i + step] = self.net(flat[i:i + step])
         return out.view(*x.shape[:-1], -1)
 
@@ -159,9 +140,10 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, patches: Sequence[AttentionPatch] | None = None,
+                size: tuple[int, int] | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), None, patches, size)
+        x = x + self.attn2(self.norm2(x), context, patches, size)
         return x + self.ff(self.norm3(x))
 
 
@@ -171,6 +153,7 @@ class SpatialTransformer(nn.Module):
     def __init__(self, channels: int, heads: int, head_dim: int, depth: int, context_dim: int, use_linear: bool):
         super().__init__()
         inner = heads * head_dim
+        self.use_linear = use_linear
         self.norm = normalization(channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -178,29 +161,52 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        # [B, C, H, W] -> [B, H*W, C]: a free view when x is channels-last
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        tokens = pointwise(self.proj_in, tokens)
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        # SD 1.x projects with 1x1 convolutions, SD 2.x/XL with Linear layers: each is called on the input it is
+        # made for (the feature map or the tokens), so that a wrapped projection behaves as the layer it wraps. On a
+        # channels-last map (the CPU path) the convolution is the same matrix product and the layout changes below
+        # are free views.
+        h_in = self.norm(x)
+        if not self.use_linear:
+            h_in = self.proj_in(h_in)
+        # [B, C, H, W] -> [B, H*W, C]
+        tokens = h_in.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        if self.use_linear:
+            tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
-        tokens = pointwise(self.proj_out, tokens)
+            tokens = block(tokens, context, patches, (h, w))
+        if self.use_linear:
+            tokens = self.proj_out(tokens)
         # [B, H*W, C] -> [B, C, H, W] as a channels-last view, added without a layout change
-        return x + tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        out = tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        if not self.use_linear:
+            out = self.proj_out(out)
+        return x + out
 
 
 class TimestepBlock(nn.Sequential):
-    """One entry of input_blocks/middle_block/output_blocks: layers fed the embedding, the context or neither."""
+    """One entry of input_blocks/middle_block/output_blocks: layers fed the embedding, the context or neither.
+
+    What each layer is fed is decided once, from the layers it is built with, so that a layer replaced later by a
+    wrapper is still given the same arguments.
+    """
+
+    def __init__(self, *layers: nn.Module):
+        super().__init__(*layers)
+        kinds = {ResBlock: "emb", SpatialTransformer: "context", Upsample: "size"}
+        self.inputs = tuple(kinds.get(type(layer), "x") for layer in layers)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
-                size: tuple[int, int] | None = None) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, ResBlock):
+                size: tuple[int, int] | None = None,
+                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
+        for inputs, layer in zip(self.inputs, self):
+            if inputs == "emb":
                 x = layer(x, emb)
-            elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
-            elif isinstance(layer, Upsample):
+            elif inputs == "context":
+                x = layer(x, context, patches)
+            elif inputs == "size":
                 x = layer(x, size)
             else:
                 x = layer(x)

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
+from ..checkpoint.shapes import ShapeReader
 from ..errors import CheckpointError
+
+# The head rule for a context width (``sdlite.checkpoint.family_table.heads_for_context``): the files do not store it.
+HeadRule = Callable[[int | None], Mapping[str, int]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,15 +97,6 @@ class UNetConfig(UNetEncoderConfig):
 _BLOCK = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.")
 
 
-def _shape(sd: Mapping, key: str, ndim: int | None = None, what: str = "UNet") -> tuple[int, ...]:
-    if key not in sd:
-        raise CheckpointError(None, f"{what} key {key!r} is missing")
-    shape = tuple(sd[key].shape)
-    if ndim is not None and len(shape) != ndim:
-        raise CheckpointError(None, f"{what} tensor {key!r} has shape {list(shape)}, expected a {ndim}-d tensor")
-    return shape
-
-
 def _depth(keys: set[str], block: str) -> int:
     """Number of BasicTransformerBlocks in ``block`` (a prefix such as ``input_blocks.4.1``)."""
     depth = 0
@@ -114,21 +109,21 @@ def _block_count(keys: set[str], name: str) -> int:
     return max((int(m[2]) + 1 for m in map(_BLOCK.match, keys) if m and m[1] == name), default=0)
 
 
-def _attention(sd: Mapping, block: str, what: str) -> tuple[int, bool]:
+def _attention(shape: ShapeReader, block: str) -> tuple[int, bool]:
     """(context_dim, use_linear_in_transformer) of the SpatialTransformer at ``block``."""
-    context_dim = _shape(sd, f"{block}.transformer_blocks.0.attn2.to_k.weight", 2, what)[1]
-    return context_dim, len(_shape(sd, f"{block}.proj_in.weight", what=what)) == 2
+    context_dim = shape(f"{block}.transformer_blocks.0.attn2.to_k.weight", ndim=2)[1]
+    return context_dim, len(shape(f"{block}.proj_in.weight")) == 2
 
 
-def read_encoder_fields(sd: Mapping, what: str = "UNet") -> dict:
+def read_encoder_fields(shape: ShapeReader) -> dict:
     """The UNetEncoderConfig fields (heads aside) read from the shapes of ``input_blocks.*``, ``middle_block.*``,
-    ``time_embed`` and ``label_emb``; ``what`` names the model in error messages.
+    ``time_embed`` and ``label_emb``.
 
     ``context_dim`` is None when no input or middle block has a transformer (a UNet may still find one on its
     output side); pass the completed fields to ``config_from_fields``.
     """
-    keys = set(sd)
-    model_channels, in_channels = _shape(sd, "input_blocks.0.0.weight", 4, what)[:2]
+    keys, what = set(shape), shape.what
+    model_channels, in_channels = shape("input_blocks.0.0.weight", ndim=4)[:2]
     channel_mult: list[int] = []
     num_res_blocks: list[int] = []
     depth_in: list[int] = []
@@ -141,7 +136,7 @@ def read_encoder_fields(sd: Mapping, what: str = "UNet") -> dict:
             num_res_blocks.append(res_in_level)
             res_in_level = 0
             continue
-        width = _shape(sd, f"input_blocks.{i}.0.out_layers.3.weight", 4, what)[0]
+        width = shape(f"input_blocks.{i}.0.out_layers.3.weight", ndim=4)[0]
         if width % model_channels:
             raise CheckpointError(None, f"{what} input block {i} is {width} wide, not a multiple of {model_channels}")
         if res_in_level == 0:
@@ -153,42 +148,42 @@ def read_encoder_fields(sd: Mapping, what: str = "UNet") -> dict:
         depth = _depth(keys, f"input_blocks.{i}.1")
         depth_in.append(depth)
         if depth and attention is None:
-            attention = _attention(sd, f"input_blocks.{i}.1", what)
+            attention = _attention(shape, f"input_blocks.{i}.1")
     if res_in_level == 0:
         raise CheckpointError(None, f"{what} has no res block in its last level (input_blocks end with a downsample)")
     num_res_blocks.append(res_in_level)
 
     if "middle_block.0.in_layers.0.weight" not in keys:
-        raise CheckpointError(None, f"{what} key 'middle_block.0.in_layers.0.weight' is missing")
+        raise shape.missing("middle_block.0.in_layers.0.weight")
     middle = _depth(keys, "middle_block.1")
     if middle and attention is None:
-        attention = _attention(sd, "middle_block.1", what)
+        attention = _attention(shape, "middle_block.1")
     if not middle:
         middle = 0 if "middle_block.1.in_layers.0.weight" in keys else -1
 
     context_dim, use_linear = attention or (None, False)
-    adm = _shape(sd, "label_emb.0.0.weight", 2, what)[1] if "label_emb.0.0.weight" in keys else None
+    adm = shape("label_emb.0.0.weight", ndim=2)[1] if "label_emb.0.0.weight" in keys else None
     return dict(in_channels=in_channels, model_channels=model_channels, channel_mult=tuple(channel_mult),
                 num_res_blocks=tuple(num_res_blocks), transformer_depth=tuple(depth_in),
                 transformer_depth_middle=middle, context_dim=context_dim, use_linear_in_transformer=use_linear,
                 adm_in_channels=adm)
 
 
-def config_from_fields(cls: type, fields: dict, what: str = "UNet"):
-    """Build ``cls`` from inferred fields. Heads follow the original configs: 8 heads when the cross-attention
-    context is 768 wide (SD 1.x), else 64 channels per head (SD 2.x, SDXL, refiner)."""
-    heads = {"num_heads": 8} if fields["context_dim"] == 768 else {"head_dim": 64}
+def config_from_fields(cls: type, fields: dict, heads: HeadRule, what: str = "UNet"):
+    """Build ``cls`` from inferred fields, its attention heads from ``heads`` for the context width found."""
     try:
-        return cls(**fields, **heads)
+        return cls(**fields, **heads(fields["context_dim"]))
     except ValueError as e:
         raise CheckpointError(None, f"{what} shapes do not form a valid architecture: {e}") from None
 
 
-def infer_unet_config(sd: Mapping) -> UNetConfig:
-    """Read a UNetConfig from a state dict whose ``model.diffusion_model.`` prefix was removed; only shapes are read."""
-    fields = read_encoder_fields(sd)
+def infer_unet_config(sd: Mapping, heads: HeadRule, *, prefix: str = "") -> UNetConfig:
+    """Read a UNetConfig from a state dict whose ``model.diffusion_model.`` prefix was removed (``prefix`` names
+    it in messages); only shapes are read. ``heads`` gives the head rule (``family_table.heads_for_context``)."""
+    shape = ShapeReader(sd, "UNet", prefix)
+    fields = read_encoder_fields(shape)
     keys = set(sd)
-    fields["out_channels"] = _shape(sd, "out.2.weight", 4)[0]
+    fields["out_channels"] = shape("out.2.weight", ndim=4)[0]
     expected_out = sum(n + 1 for n in fields["num_res_blocks"])
     found_out = _block_count(keys, "output_blocks")
     if found_out != expected_out:
@@ -199,6 +194,6 @@ def infer_unet_config(sd: Mapping) -> UNetConfig:
         depth = _depth(keys, f"output_blocks.{i}.1")
         depth_out.append(depth)
         if depth and fields["context_dim"] is None:
-            fields["context_dim"], fields["use_linear_in_transformer"] = _attention(sd, f"output_blocks.{i}.1", "UNet")
+            fields["context_dim"], fields["use_linear_in_transformer"] = _attention(shape, f"output_blocks.{i}.1")
     fields["transformer_depth_output"] = tuple(depth_out)
-    return config_from_fields(UNetConfig, fields)
+    return config_from_fields(UNetConfig, fields, heads)

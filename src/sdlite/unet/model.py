@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..conv import Conv2d
+from .attention import AttentionPatch, name_attention_layers
 from .blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, timestep_embedding
 from .config import UNetConfig, UNetEncoderConfig
 
@@ -52,6 +53,12 @@ def spatial_transformer(c: UNetEncoderConfig, channels: int, depth: int) -> Spat
     return SpatialTransformer(channels, heads, head_dim, depth, c.context_dim, c.use_linear_in_transformer)
 
 
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the model's weights. Read from its first parameter rather than a named layer's ``weight``: a
+    layer replaced by a training wrapper may not have one, and a parametrized weight is computed anew on access."""
+    return next(module.parameters()).dtype
+
+
 def embed_timesteps(module: nn.Module, c: UNetEncoderConfig, timesteps, batch: int, device: torch.device,
                     y: torch.Tensor | None) -> torch.Tensor:
     """The time (+ ADM) embedding of a module built by ``build_encoder``; timesteps may be a scalar."""
@@ -61,7 +68,7 @@ def embed_timesteps(module: nn.Module, c: UNetEncoderConfig, timesteps, batch: i
     timesteps = torch.as_tensor(timesteps, device=device)
     if timesteps.ndim == 0:
         timesteps = timesteps.expand(batch)
-    dtype = module.time_embed[0].weight.dtype
+    dtype = parameter_dtype(module)
     emb = module.time_embed(timestep_embedding(timesteps, c.model_channels).to(dtype))
     if y is not None:
         emb = emb + module.label_emb(y.to(dtype))
@@ -96,21 +103,24 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepBlock(*layers))
 
         self.out = nn.Sequential(normalization(ch), nn.SiLU(), Conv2d(ch, c.out_channels, 3, padding=1))
+        name_attention_layers(self)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
+                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
         """Predict from latents ``x`` [B, C, H, W] at ``timesteps`` (scalar or [B], may be fractional).
 
         ``context`` [B, T, context_dim] is the text conditioning, ``y`` [B, adm_in_channels] SDXL's vector
         conditioning, and ``control`` ControlNet residuals in input-block order followed by the middle-block one:
         the last is added to the middle block's output, the others to the skip connections they match.
+        ``patches`` are attention patches (``sdlite.unet.attention``), given to every attention layer.
         """
         emb = embed_timesteps(self, self.config, timesteps, x.shape[0], x.device, y)
         controls = list(control) if control is not None else []
         if controls and len(controls) != len(self.input_blocks) + 1:
             raise ValueError(f"control has {len(controls)} residuals, this UNet takes {len(self.input_blocks) + 1} "
                              "(one per input block and one for the middle block)")
-        dtype = self.input_blocks[0][0].weight.dtype
+        dtype = parameter_dtype(self)
         controls = [c.to(dtype) for c in controls]
         if context is not None:
             context = context.to(dtype)
@@ -118,9 +128,9 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, patches=patches)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, patches=patches)
         if controls:
             h = h + controls.pop()
         for block in self.output_blocks:
@@ -128,5 +138,5 @@ class UNetModel(nn.Module):
             if controls:
                 skip = skip + controls.pop()
             h = torch.cat([h, skip], dim=1)
-            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None, patches=patches)
         return self.out(h).to(x.dtype)

@@ -3,19 +3,20 @@ Synthesis with Latent Diffusion Models"), and its inference from an original che
 
 The original yaml files (`first_stage_config.params.ddconfig`) spell the same fields: `ch`, `ch_mult`,
 `num_res_blocks`, `z_channels`, `in_channels`, `out_ch`. Every SD release uses ch 128, ch_mult (1,2,4,4),
-2 res blocks and 4 latent channels; only the latent scale factor differs by family (see FORMATS.md §1.2, §1.4).
+2 res blocks and 4 latent channels; only the latent scale factor differs by family (docs/formats.md §1.5; the
+loader takes it from ``sdlite.checkpoint.family_table``).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from sdlite.errors import CheckpointError, ShapeMismatchError
+from sdlite.checkpoint.shapes import ShapeReader
+from sdlite.errors import CheckpointError
 
 # GroupNorm(32, C) everywhere in the original, so every width must split into 32 groups.
 NORM_GROUPS = 32
@@ -63,89 +64,70 @@ class VAEConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
-def _shape(sd: Mapping[str, torch.Tensor], key: str, ndim: int = 4) -> tuple[int, ...]:
-    if key not in sd:
-        raise CheckpointError(None, f"VAE key {key!r} is missing (state dict without the 'first_stage_model.' prefix)")
-    shape = tuple(sd[key].shape)
-    if len(shape) != ndim:
-        raise CheckpointError(None, f"VAE key {key!r} has shape {list(shape)}, expected a {ndim}-d convolution weight")
-    return shape
-
-
-def _expect(sd: Mapping[str, torch.Tensor], key: str, expected: tuple[int, ...]) -> None:
-    found = _shape(sd, key, len(expected))
-    if found != expected:
-        raise ShapeMismatchError(None, key, expected, found)
-
-
-def _count(sd: Mapping[str, torch.Tensor], prefix: str) -> int:
-    """How many indices N occur among keys `prefix + "N." + ...`; they must run 0..n-1 without gaps."""
-    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = sorted({int(m.group(1)) for key in sd if (m := pattern.match(key))})
-    if not found:
-        raise CheckpointError(None, f"VAE has no keys '{prefix}N.*'")
-    if found != list(range(len(found))):
-        raise CheckpointError(None, f"VAE keys '{prefix}N.*' have indices {found}, expected 0..{len(found) - 1}")
-    return len(found)
-
-
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise CheckpointError(None, message)
 
 
-def infer_vae_config(sd: Mapping[str, torch.Tensor], *, scale_factor: float) -> VAEConfig:
+def infer_vae_config(sd: Mapping[str, torch.Tensor], *, scale_factor: float, prefix: str = "") -> VAEConfig:
     """Read a `VAEConfig` from the tensor shapes of a VAE state dict in the original layout.
 
-    `sd` is keyed without the `first_stage_model.` prefix. Only the structure is read here; every other
-    tensor is checked by the strict `load_state_dict` that follows. Raises `CheckpointError` (path None,
-    filled in by the loader) naming the key when a required tensor is missing or its shape disagrees.
+    `sd` is keyed without the `first_stage_model.` prefix (`prefix` names it in messages). Only the structure is
+    read here; every other tensor is checked by the strict `load_state_dict` that follows. Raises
+    `CheckpointError` (path None, filled in by the loader) naming the key when a required tensor is missing or its
+    shape disagrees.
     """
-    ch, in_channels, _, _ = _shape(sd, "encoder.conv_in.weight")
-    levels = _count(sd, "encoder.down.")
-    num_res_blocks = _count(sd, "encoder.down.0.block.")
+    shape = ShapeReader(sd, "VAE", prefix)
+
+    def conv(key: str) -> tuple[int, ...]:
+        return shape(key, ndim=4)
+
+    ch, in_channels, _, _ = conv("encoder.conv_in.weight")
+    levels = shape.count("encoder.down.")
+    num_res_blocks = shape.count("encoder.down.0.block.")
 
     ch_mult = []
     for i in range(levels):
         key = f"encoder.down.{i}.block.0.conv1.weight"
-        width = _shape(sd, key)[0]
+        width = conv(key)[0]
         _require(
             width % ch == 0 and width % NORM_GROUPS == 0,
-            f"VAE key {key!r} has {width} output channels, expected a multiple of ch = {ch} "
+            f"VAE key {shape.file_key(key)!r} has {width} output channels, expected a multiple of ch = {ch} "
             f"(from 'encoder.conv_in.weight') and of the {NORM_GROUPS} GroupNorm groups",
         )
         ch_mult.append(width // ch)
-        blocks = _count(sd, f"encoder.down.{i}.block.")
+        blocks = shape.count(f"encoder.down.{i}.block.")
         _require(
             blocks == num_res_blocks,
             f"VAE keys 'encoder.down.{i}.block.N.*' name {blocks} res blocks, expected {num_res_blocks} as on level 0",
         )
 
     # The decoder mirrors the encoder with one extra res block per level.
-    up_levels = _count(sd, "decoder.up.")
+    up_levels = shape.count("decoder.up.")
     _require(
         up_levels == levels, f"VAE has {up_levels} 'decoder.up.N' levels, expected {levels} as in 'encoder.down.N'"
     )
     for i in range(levels):
-        blocks = _count(sd, f"decoder.up.{i}.block.")
+        blocks = shape.count(f"decoder.up.{i}.block.")
         _require(
             blocks == num_res_blocks + 1,
             f"VAE keys 'decoder.up.{i}.block.N.*' name {blocks} res blocks, expected {num_res_blocks + 1}",
         )
 
-    two_z = _shape(sd, "quant_conv.weight")[0]
-    _require(two_z % 2 == 0, f"VAE key 'quant_conv.weight' has {two_z} channels, expected an even number")
+    two_z = conv("quant_conv.weight")[0]
+    _require(two_z % 2 == 0,
+             f"VAE key {shape.file_key('quant_conv.weight')!r} has {two_z} channels, expected an even number")
     z_channels = two_z // 2
-    out_channels = _shape(sd, "decoder.conv_out.weight")[0]
+    out_channels = conv("decoder.conv_out.weight")[0]
 
     # Cross-check the tensors at the seams between encoder, latent space and decoder.
     top = ch * ch_mult[-1]
-    _expect(sd, "encoder.conv_in.weight", (ch, in_channels, 3, 3))
-    _expect(sd, "encoder.conv_out.weight", (two_z, top, 3, 3))
-    _expect(sd, "quant_conv.weight", (two_z, two_z, 1, 1))
-    _expect(sd, "post_quant_conv.weight", (z_channels, z_channels, 1, 1))
-    _expect(sd, "decoder.conv_in.weight", (top, z_channels, 3, 3))
-    _expect(sd, "decoder.conv_out.weight", (out_channels, ch, 3, 3))
+    shape("encoder.conv_in.weight", expected=(ch, in_channels, 3, 3))
+    shape("encoder.conv_out.weight", expected=(two_z, top, 3, 3))
+    shape("quant_conv.weight", expected=(two_z, two_z, 1, 1))
+    shape("post_quant_conv.weight", expected=(z_channels, z_channels, 1, 1))
+    shape("decoder.conv_in.weight", expected=(top, z_channels, 3, 3))
+    shape("decoder.conv_out.weight", expected=(out_channels, ch, 3, 3))
 
     return VAEConfig(
         in_channels=in_channels,

@@ -1,7 +1,7 @@
 """The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis
 with Latent Diffusion Models", appendix G), as shipped in every SD 1.x / 2.x / XL checkpoint.
 
-Attribute names are the original `first_stage_model.*` keys minus that prefix (FORMATS.md §1.2), so an
+Attribute names are the original `first_stage_model.*` keys minus that prefix (docs/formats.md §1.4), so an
 original VAE loads with a strict `load_state_dict` and no key conversion. The modules hold parameters only,
 no buffers, and construct under `torch.device("meta")`.
 """
