@@ -74,7 +74,7 @@ def worker(impl: str, path: str, size: int, tile: int, warmup: int, reps: int) -
         tiles = 0 if impl == "sdlite-untiled" else tile
 
         def call():
-            return torch.from_numpy(np.asarray(up.upscale(image, model, tile=tiles, overlap=8)))
+            return torch.from_numpy(np.array(up.upscale(image, model, tile=tiles, overlap=8)))
 
     before = os.times()
     result = time_calls(call, "cpu", warmup, reps)
