@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import open_clip
+import open_clip.model as open_clip_model
 import pytest
 import torch
+import transformers
 
 from sdlite.clip import (
     EOS,
@@ -16,8 +19,6 @@ from sdlite.clip import (
 )
 from sdlite.errors import CheckpointError, ShapeMismatchError
 
-transformers = pytest.importorskip("transformers")
-open_clip_model = pytest.importorskip("open_clip.model")
 
 PROMPTS = [
     "",
@@ -302,7 +303,6 @@ def test_full_size_vit_l():
     "name, shape", [("ViT-H-14", (1024, 24, 16, 4096, 1024)), ("ViT-bigG-14", (1280, 32, 20, 5120, 1280))]
 )
 def test_full_size_openclip(name, shape):
-    open_clip = pytest.importorskip("open_clip")
     model_cfg = open_clip.get_model_config(name)
     # The text tower comes from open_clip's own config for the model; its vision tower (1.8B parameters for bigG)
     # is replaced by a tiny one, since SD files do not contain it.

@@ -8,8 +8,11 @@ import json
 import random
 from importlib import resources
 
+import ftfy
+import open_clip.tokenizer as open_clip_tokenizer
 import pytest
 import torch
+import transformers
 
 from sdlite.clip import BOS, CONTEXT_LENGTH, EOS, CLIPTokenizer, get_tokenizer
 
@@ -132,8 +135,6 @@ def reference(tmp_path_factory):
     The vocabulary comes from open_clip's port of OpenAI's SimpleTokenizer reading the same gz, so that it does not
     share code with sdlite; open_clip names the special tokens differently, so they are renamed to CLIP's.
     """
-    transformers = pytest.importorskip("transformers")
-    open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
     with resources.as_file(GZ) as gz:
         simple = open_clip_tokenizer.SimpleTokenizer(bpe_path=str(gz))
         lines = gzip.open(gz).read().decode("utf-8").split("\n")
@@ -213,8 +214,6 @@ def test_agrees_with_openai_tokenizer_where_no_text_repair_applies():
     """OpenAI's/open_clip's tokenizer also runs ftfy.fix_text and html.unescape (which change HTML entities,
     full-width forms such as CJK commas, curly quotes, ligatures, control characters and mojibake) and knows no literal
     special tokens; on the prompts those steps leave alone, both tokenizers give the same ids."""
-    ftfy = pytest.importorskip("ftfy")
-    open_clip_tokenizer = pytest.importorskip("open_clip.tokenizer")
     with resources.as_file(GZ) as gz:
         simple = open_clip_tokenizer.SimpleTokenizer(bpe_path=str(gz))
     plain = [t for t in CORPUS if ftfy.fix_text(t) == t and html.unescape(t) == t and "<|" not in t]

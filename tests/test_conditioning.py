@@ -8,7 +8,7 @@ import torch
 
 from sdlite.clip import BOS, EOS, CLIPTextModel, OpenCLIPTextModel, get_tokenizer, infer_clip_config, \
     infer_openclip_config
-from sdlite.conditioning import Conditioning, chunk_prompt, encode_schedule, encode_text, pad_to_chunks
+from sdlite.conditioning import chunk_prompt, encode_schedule, encode_text
 
 from conftest import rel_err
 from sdfiles import clip_l, clip_state, open_clip_penultimate, open_clip_state, open_clip_text
@@ -266,19 +266,6 @@ def test_empty_sdxl_negative_prompt_is_zero(models, family):
         cond = encode_schedule(text, ours[family], family, 20, negative=negative).cond_at(0)
         assert cond.context.any() and cond.pooled.any()
     assert encode_schedule("", ours["sd1"], "sd1", 20, negative=True).cond_at(0).context.any()
-
-
-def test_pad_to_chunks():
-    empty = Conditioning(torch.randn(1, 77, 8))
-    a = Conditioning(torch.randn(2, 231, 8), torch.randn(2, 4))
-    b = Conditioning(torch.randn(2, 77, 8))
-    pa, pb = pad_to_chunks(a, b, empty)
-    assert pa is a and pb.context.shape == (2, 231, 8) and pb.pooled is None
-    assert torch.equal(pb.context[:, :77], b.context)
-    assert torch.equal(pb.context[:, 77:], empty.context.repeat(2, 2, 1))
-    qb, qa = pad_to_chunks(b, a, empty)
-    assert qa is a and torch.equal(qb.context, pb.context)
-    assert pad_to_chunks(a, a, empty) == (a, a)
 
 
 def test_input_checks(models):

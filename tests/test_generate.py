@@ -269,3 +269,82 @@ def test_cfg_batch_off_runs_cond_and_uncond_separately(sd1):
         hook.remove()
     assert batches[:n] == [2, 2] and batches[n:] == [1, 1, 1, 1]
     assert rel_err(apart, together) < 1e-5
+
+
+def test_controlnet_progress_comes_from_the_step_object(sd1, monkeypatch):
+    """Heun, 3 steps: calls at σ0, σ1 | σ1, σ2 | σ2 belong to steps 0, 1, 1, 2, 2 (a call counts with the step its σ
+    leads to, as the step count reported by the sampler's callback did), so the guidance range sees 0, ⅓, ⅓, ⅔, ⅔."""
+    import sdlite.adapters.controlnet as controlnet
+    from sdlite.adapters.controlnet import create_from_unet
+
+    seen = []
+    real = controlnet.control_residuals
+    monkeypatch.setattr(controlnet, "control_residuals",
+                        lambda *a, progress, **kw: seen.append(progress) or real(*a, progress=progress, **kw))
+    pipe = sd1[0]
+    unit = sdlite.ControlUnit(create_from_unet(pipe.unet), Image.new("RGB", (64, 64)))
+    pipe.txt2img("x", width=64, height=64, steps=3, seed=1, sampler="Heun", controlnets=[unit])
+    assert seen == [0, 1 / 3, 1 / 3, 2 / 3, 2 / 3]
+
+
+def test_emphasis_and_old_timelines_reach_the_encoder_and_the_infotext(sd1):
+    pipe = sd1[0]
+    args = dict(width=64, height=64, steps=4, seed=3, sampler="Euler")
+    ignored = pipe.txt2img("a (cat:1.5)", emphasis="Ignore", **args)
+    assert torch.equal(ignored.latents, pipe.txt2img("a cat", **args).latents)  # brackets read, weight dropped
+    assert read_infotext(ignored.infotexts[0])["Emphasis"] == "Ignore"
+    assert "Emphasis" not in read_infotext(pipe.txt2img("a cat", emphasis="No norm", **args).infotexts[0])
+    # Old timelines: a number >= 1 is a step, even "1.0" (new: a number with "." is a fraction of the steps).
+    old = pipe.txt2img("a [cat:dog:1.0]", use_old_scheduling=True, **args)
+    assert torch.equal(old.latents, pipe.txt2img("a [cat:dog:1]", **args).latents)
+    assert read_infotext(old.infotexts[0])["Old prompt editing timelines"] == "True"
+    new = pipe.txt2img("a [cat:dog:1.0]", **args)
+    assert rel_err(new.latents, old.latents) > 1e-4 and "Old prompt" not in new.infotexts[0]
+    same = pipe.txt2img("a [cat:dog:0.5]", use_old_scheduling=True, **args)
+    assert "Old prompt" not in same.infotexts[0]  # written only when the option changes a schedule
+    with pytest.raises(ValueError, match="emphasis"):
+        pipe.txt2img("x", emphasis="original", **args)
+
+
+def test_ti_hashes_accumulate_as_a1111_writes_them(sd1, sdxl_pair, tmp_path):
+    """A1111's text encoder wrapper puts the embeddings of each encoding in front of the "TI hashes" so far: the
+    negative prompt is encoded first, then each distinct AND part, once per text encoder (SDXL: twice)."""
+    import hashlib
+
+    pipe, xl = sd1[0], sdxl_pair[0]
+    g = torch.Generator().manual_seed(0)
+    width = pipe.text_encoders[0].config.width
+    save_file({"emb_params": torch.randn(2, width, generator=g)}, str(tmp_path / "mystyle.safetensors"))
+    save_file({"emb_params": torch.randn(1, width, generator=g)}, str(tmp_path / "badthing.safetensors"))
+    l, big = (e.config.width for e in xl.text_encoders)
+    save_file({"clip_l": torch.randn(1, l, generator=g), "clip_g": torch.randn(1, big, generator=g)},
+              str(tmp_path / "xlstyle.safetensors"))
+    h = {n: hashlib.sha256((tmp_path / f"{n}.safetensors").read_bytes()).hexdigest()[:12]
+         for n in ("mystyle", "badthing", "xlstyle")}
+    args = dict(width=64, height=64, steps=1, seed=3, sampler="Euler")
+    pipe.load_embeddings(tmp_path / "mystyle.safetensors", tmp_path / "badthing.safetensors")
+    xl.load_embeddings(tmp_path / "xlstyle.safetensors")
+    try:
+        # Parts as A1111 splits them: "badthing", " a mystyle cat" twice (encoded once).
+        out = pipe.txt2img("badthing AND a mystyle cat AND a mystyle cat", "badthing", **args)
+        plain = pipe.txt2img("a cat", **args)
+        styled = xl.txt2img("xlstyle", **args)
+    finally:
+        pipe.embeddings = xl.embeddings = None
+    hashes = f"mystyle: {h['mystyle']}, badthing: {h['badthing']}, badthing: {h['badthing']}"
+    assert read_infotext(out.infotexts[0])["TI hashes"] == hashes
+    assert "TI hashes" not in plain.infotexts[0]
+    assert read_infotext(styled.infotexts[0])["TI hashes"] == f"xlstyle: {h['xlstyle']}, xlstyle: {h['xlstyle']}"
+
+
+def test_from_png_reads_the_prompt_options(tmp_path):
+    from sdlite.cli import options_from_png, save_png
+
+    path = str(tmp_path / "a.png")
+    save_png(Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Emphasis: No norm, Version: v1.5.1", path)
+    prompt, options = options_from_png(path)
+    assert options["emphasis"] == "No norm" and options["use_old_scheduling"]  # A1111 < 1.6: old timelines
+    save_png(Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Version: v1.6.0", path)
+    assert "use_old_scheduling" not in options_from_png(path)[1]
+    save_png(Image.new("RGB", (8, 8)), "a\nSteps: 4, Seed: 1, Old prompt editing timelines: True", path)
+    assert options_from_png(path)[1]["use_old_scheduling"] is True

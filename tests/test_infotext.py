@@ -6,7 +6,7 @@ import hashlib
 
 from PIL import Image, PngImagePlugin
 
-from sdlite.infotext import create_infotext, model_hash, old_model_hash, parse_infotext, read_infotext
+from sdlite.infotext import create_infotext, model_hash, parse_infotext, read_infotext
 
 A1111_TEXT = """masterpiece, (best quality:1.2), a cat
 drinking beer
@@ -42,6 +42,18 @@ def test_write_and_read_back():
     assert "ENSD" not in back
 
 
+def test_prompt_records_read_back():
+    """The keys A1111's conditioning writes: TI hashes quoted (it holds ":" and ","), the others bare."""
+    params = {"Steps": 4, "Seed": 1, "Old prompt editing timelines": True,
+              "TI hashes": "easynegative: c74b4e810b03, style: 0123456789ab", "Emphasis": "No norm"}
+    text = create_infotext("a (cat)", "", params)
+    assert text.endswith('Old prompt editing timelines: True, '
+                         'TI hashes: "easynegative: c74b4e810b03, style: 0123456789ab", Emphasis: No norm')
+    back = parse_infotext(text)
+    assert back["TI hashes"] == params["TI hashes"] and back["Emphasis"] == "No norm"
+    assert back["Old prompt editing timelines"] == "True"
+
+
 def test_png_round_trip(tmp_path):
     meta = PngImagePlugin.PngInfo()
     meta.add_text("parameters", A1111_TEXT)
@@ -56,4 +68,3 @@ def test_model_hashes(tmp_path):
     path = tmp_path / "m.safetensors"
     path.write_bytes(data)
     assert model_hash(path) == hashlib.sha256(data).hexdigest()[:10]
-    assert old_model_hash(path) == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -40,7 +41,13 @@ _FROM_INFOTEXT = {"Steps": ("steps", int), "Sampler": ("sampler", str), "Schedul
                   "Size-2": ("height", int), "Clip skip": ("clip_skip", int), "ENSD": ("eta_noise_seed_delta", int),
                   "RNG": ("rng", str), "Variation seed": ("subseed", int),
                   "Variation seed strength": ("subseed_strength", float), "Denoising strength": ("strength", float),
-                  "Mask blur": ("mask_blur", int)}
+                  "Mask blur": ("mask_blur", int), "Emphasis": ("emphasis", str),
+                  "Old prompt editing timelines": ("use_old_scheduling", lambda v: v == "True")}
+
+
+def _a1111_version(text: str) -> tuple[int, int, int] | None:
+    found = re.match(r"v(\d+)\.(\d+)\.(\d+)", text or "")
+    return tuple(map(int, found.groups())) if found else None
 
 
 def options_from_png(path: str) -> tuple[str, dict]:
@@ -63,6 +70,9 @@ def options_from_png(path: str) -> tuple[str, dict]:
         if "Hires steps" in params:
             hires["steps"] = int(params["Hires steps"])
         options["hires"] = hires
+    version = _a1111_version(params.get("Version", ""))
+    if version is not None and version < (1, 6, 0) and "[" in params.get("Prompt", ""):
+        options["use_old_scheduling"] = True  # A1111 changed prompt-editing timelines in 1.6.0 (its backcompat rule)
     if options.get("rng") not in (None, "CPU", "GPU", "NV"):
         del options["rng"]
     return params.get("Prompt", ""), options
@@ -91,6 +101,8 @@ def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> Non
     p.add_argument("--sampler", default=None, help='A1111 name, e.g. "Euler a", "DPM++ 2M Karras"')
     p.add_argument("--scheduler", default=None, help='"Automatic", "Karras", "Exponential", …')
     p.add_argument("--rng", choices=["CPU", "GPU", "NV"], default=None)
+    p.add_argument("--emphasis", choices=["Original", "No norm", "Ignore", "None"], default=None)
+    p.add_argument("--use-old-scheduling", action="store_true", help="A1111's old prompt-editing timelines")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--prediction", choices=["eps", "v"], default=None)
@@ -115,11 +127,11 @@ def _options(args: argparse.Namespace) -> tuple[str, dict]:
         options["negative_prompt"] = args.negative_prompt
     for name in ("width", "height", "steps", "cfg_scale", "seed", "batch_size", "clip_skip", "subseed",
                  "subseed_strength", "eta_noise_seed_delta", "sampler", "scheduler", "rng", "strength", "mask_blur",
-                 "inpaint_fill"):
+                 "inpaint_fill", "emphasis"):
         value = getattr(args, name, None)
         if value is not None:
             options[name] = value
-    for flag in ("invert_mask", "only_masked"):
+    for flag in ("invert_mask", "only_masked", "use_old_scheduling"):
         if getattr(args, flag, False):
             options[flag] = True
     if args.hires_scale is not None or "hires" in options:

@@ -28,8 +28,7 @@ from .checkpoint.family_table import FAMILIES, get_family
 from .clip import BOS, EOS, get_tokenizer
 from .prompt import parse_attention, schedules
 
-__all__ = ["Conditioning", "PromptChunk", "ScheduledConditioning", "chunk_prompt", "encode_schedule", "encode_text",
-           "pad_to_chunks"]
+__all__ = ["Conditioning", "PromptChunk", "ScheduledConditioning", "chunk_prompt", "encode_schedule", "encode_text"]
 
 EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")
 CHUNK_TOKENS = 75
@@ -276,26 +275,7 @@ def encode_schedule(text: str, encoders: Sequence[nn.Module], family: str, steps
     entries = [(end, Conditioning(cond.context[row[t] : row[t] + 1],
                                   None if cond.pooled is None else cond.pooled[row[t] : row[t] + 1]))
                for end, t in plan]
-    used = {id(e): e for chunks in rows for chunk in chunks for _, e in chunk.fixes}
+    # In A1111's order: chunk by chunk over the batch of texts, first use of each name.
+    used = {e.name: e for i in range(max(map(len, rows))) for chunks in rows if i < len(chunks)
+            for _, e in chunks[i].fixes}
     return ScheduledConditioning(entries, tuple(used.values()))
-
-
-def pad_to_chunks(a: Conditioning, b: Conditioning, empty: Conditioning) -> tuple[Conditioning, Conditioning]:
-    """Give two conditionings the same token count by appending ``empty`` (the encoding of "" with the same
-    encoders, [1, 77, D]) to the shorter, as A1111's "Pad prompt/negative prompt" option does (``pad_cond_uncond``).
-
-    With that option off (its default) A1111 runs the positive and negative prompts through the UNet in separate
-    calls when their lengths differ, which gives other numbers than padding; the pipeline chooses.
-    """
-    unit = empty.context.shape[1]
-    missing = (a.context.shape[1] - b.context.shape[1]) // unit
-
-    def extend(c: Conditioning, repeats: int) -> Conditioning:
-        tail = empty.context.to(c.context).repeat(c.context.shape[0], repeats, 1)
-        return Conditioning(torch.cat([c.context, tail], dim=1), c.pooled)
-
-    if missing > 0:
-        return a, extend(b, missing)
-    if missing < 0:
-        return extend(a, -missing), b
-    return a, b

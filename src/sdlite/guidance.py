@@ -1,19 +1,29 @@
-"""Classifier-free guidance around a k-diffusion-style denoiser, as AUTOMATIC1111's CFGDenoiser does it.
+"""Classifier-free guidance around a k-diffusion-style denoiser, as AUTOMATIC1111's CFGDenoiser does it, and the one
+step object every part of a sampling pass reads.
+
+The chain of one pass, outermost first::
+
+    sampler (pure function)  →  GuidedDenoiser / Handoff  →  Denoiser (ε/v → D(x; σ))  →  UNetCall  →  UNet
+                                CFG over conds, mask        schedulers.denoiser           image cond, control,
+                                blending, model switch                                    attention patches
 
 Cond and uncond go through the UNet as one batch; with composable prompts (AND) each part is a cond of its own and
 denoised = uncond + Σᵢ wᵢ·cfg·(condᵢ − uncond) (Liu et al. 2022, "Compositional Visual Generation with Composable
-Diffusion Models"). For inpainting with an ordinary checkpoint the prediction is blended with the original latent
-outside the mask at every step; inpainting checkpoints get their masked-image conditioning concatenated to the UNet
-input instead.
+Diffusion Models"). When there is a mask the prediction is blended with the original latent outside it at every step,
+for inpainting checkpoints too, which also get their masked-image conditioning concatenated to the UNet input
+(``UNetCall``).
+
+A wrapper that changes how the prediction is formed (MultiDiffusion windows, regional prompts) takes the place of
+the ``denoiser`` a :class:`GuidedDenoiser` is given: it receives ``(x, sigma, context=, y=, cond_rows=)`` and
+returns D(x; σ) for those rows, and reads the pass's :class:`StepState` when it varies over the steps.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -24,46 +34,75 @@ class Cond:
     y: torch.Tensor | None = None
 
 
-class UNetCall(nn.Module):
-    """The UNet as the denoiser sees it: adds the inpainting conditioning channels and ControlNet residuals.
+class StepState:
+    """Where a sampling pass is, for everything that changes over the steps; one object per pass, advanced once per
+    model call by the outermost model of the chain (:class:`GuidedDenoiser` or :class:`Handoff`), never by the
+    sampler's callback.
 
-    ``image_cond`` [B, 5, h, w] is repeated over the CFG batch; ``control(x, t, context, y, cond_rows)`` computes
-    ControlNet residuals from what the UNet is given and the mask of rows that carry a positive prompt.
+    ``call``: the index of the current model call (0-based; A1111's CFGDenoiser.step, which prompt schedules and the
+    refiner switch count). ``calls``: the calls A1111 budgets for the pass (two per step for second-order samplers).
+    ``step``: the sampler step the call belongs to, read off its σ: the number of values of ``grid`` (the σ the
+    sampler steps through) above it, so the calls inside a step count with the step they lead to, whatever the
+    sampler and whether or not it reports progress. ``progress`` = step / steps, the fraction ControlNet's guidance
+    range is given in.
     """
 
-    def __init__(self, unet: nn.Module, image_cond: torch.Tensor | None = None,
-                 control: Callable[..., Sequence[torch.Tensor] | None] | None = None):
-        super().__init__()
-        self.unet, self.image_cond, self.control = unet, image_cond, control
+    def __init__(self, grid: torch.Tensor, steps: int, calls: int):
+        self.grid, self.steps, self.calls = grid.detach().cpu(), steps, calls
+        self.call = -1
+        self.sigma: torch.Tensor | None = None
+        self._step: int | None = None
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                cond_rows: torch.Tensor | None = None):
-        residuals = self.control(x, t, context, y, cond_rows) if self.control is not None else None
-        if self.image_cond is not None:
-            reps = x.shape[0] // self.image_cond.shape[0]
-            x = torch.cat([x, self.image_cond.repeat(reps, 1, 1, 1).to(x)], dim=1)
-        return self.unet(x, t, context, y=y, control=residuals)
+    def advance(self, sigma: torch.Tensor) -> None:
+        """A model call at ``sigma`` begins."""
+        self.call += 1
+        self.sigma, self._step = sigma, None
+
+    @property
+    def step(self) -> int:
+        if self.sigma is None:
+            return 0
+        if self._step is None:  # on demand: reading σ waits for the device, which most calls need not do
+            # Compared in σ's own dtype, so that a call at a grid value does not count that value.
+            self._step = int((self.grid.to(self.sigma.dtype) > float(self.sigma.max())).sum())
+        return self._step
+
+    @property
+    def progress(self) -> float:
+        return self.step / self.steps
+
+    @property
+    def call_fraction(self) -> float:
+        """The share of the pass's budgeted model calls done before this one."""
+        return self.call / self.calls
+
+    def __repr__(self) -> str:
+        return f"StepState(call={self.call}/{self.calls}, steps={self.steps})"
 
 
 class GuidedDenoiser:
     """``denoised = model(x, sigma)`` with CFG over conds [(Cond, weight), …] and one uncond.
 
-    ``cond_at(step)`` returns (conds, uncond) for the model call ``step`` (prompt editing changes them during
-    sampling; A1111 counts model calls, so second-order samplers move through a prompt schedule twice as fast —
-    reproduced here). ``mask``/``init_latent``: keep ``init_latent`` where mask is 0 (ordinary-model inpainting).
-    ``batch``: cond and uncond in one UNet call (the default; False runs them one after the other).
+    ``cond_at(call)`` returns (conds, uncond) for model call ``call`` (prompt editing changes them during sampling;
+    A1111 counts model calls, so second-order samplers move through a prompt schedule twice as fast — reproduced
+    here). ``step``: the pass's :class:`StepState`, advanced here. ``mask``/``init_latent``: keep ``init_latent``
+    where mask is 0 (ordinary-model inpainting). ``batch``: cond and uncond in one UNet call (the default; False runs
+    them one after the other).
     """
 
     def __init__(self, denoiser: Callable, cond_at: Callable[[int], tuple[list[tuple[Cond, float]], Cond]],
-                 cfg_scale: float, *, mask: torch.Tensor | None = None, init_latent: torch.Tensor | None = None,
-                 batch: bool = True):
-        self.denoiser, self.cond_at, self.cfg_scale = denoiser, cond_at, cfg_scale
+                 cfg_scale: float, step: StepState, *, mask: torch.Tensor | None = None,
+                 init_latent: torch.Tensor | None = None, batch: bool = True):
+        self.denoiser, self.cond_at, self.cfg_scale, self.step = denoiser, cond_at, cfg_scale, step
         self.mask, self.init_latent, self.batch = mask, init_latent, batch
-        self.step = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
-        conds, uncond = self.cond_at(self.step)
-        self.step += 1
+        self.step.advance(sigma)
+        return self.guide(x, sigma)
+
+    def guide(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The guided prediction for the model call the step object is at."""
+        conds, uncond = self.cond_at(self.step.call)
         sigma = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
         skip_uncond = self.cfg_scale == 1.0 and len(conds) == 1
         outs = self._run(x, sigma, [c for c, _ in conds] + ([] if skip_uncond else [uncond]), len(conds))
@@ -111,24 +150,22 @@ def pad_parts(conds: list[tuple[Cond, float]]) -> list[tuple[Cond, float]]:
 
 
 class Handoff:
-    """The base model's guided denoiser until ``switch_at`` of the sampler's model calls are done, then the
-    refiner's. As in A1111 1.10 the sampler itself goes on (multistep history included); only the model changes,
-    and the prompt-schedule step count carries over. ``on_switch`` runs once, just before the refiner's first call
-    (the core moves offloaded UNets there)."""
+    """The base model's guided denoiser until more than ``switch_at`` of the pass's budgeted model calls are done,
+    then the refiner's. As in A1111 1.10 the sampler itself goes on (multistep history included); only the model
+    changes, and both read the one step object, so the prompt-schedule count carries over. ``on_switch`` runs once,
+    just before the refiner's first call (the core moves offloaded UNets there)."""
 
-    def __init__(self, base: GuidedDenoiser, refiner: GuidedDenoiser, switch_at: float, total_calls: int,
+    def __init__(self, base: GuidedDenoiser, refiner: GuidedDenoiser, switch_at: float,
                  on_switch: Callable[[], None] | None = None):
-        self.base, self.refiner, self.switch_at, self.total_calls = base, refiner, switch_at, total_calls
+        if base.step is not refiner.step:
+            raise ValueError("the base and refiner denoisers must share the pass's step object")
+        self.base, self.refiner, self.switch_at, self.step = base, refiner, switch_at, base.step
         self.on_switch, self.switched = on_switch, False
-        self.calls = 0
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
-        switched = self.calls / self.total_calls > self.switch_at
-        if switched and not self.switched:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **_) -> torch.Tensor:
+        self.step.advance(sigma)
+        if self.step.call_fraction > self.switch_at and not self.switched:
             self.switched = True
             if self.on_switch is not None:
                 self.on_switch()
-        model = self.refiner if switched else self.base
-        model.step = self.calls
-        self.calls += 1
-        return model(x, sigma, **kwargs)
+        return (self.refiner if self.switched else self.base).guide(x, sigma)

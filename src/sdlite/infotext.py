@@ -112,9 +112,3 @@ def model_hash(path: str | os.PathLike) -> str:
             digest.update(block)
     return digest.hexdigest()[:10]
 
-
-def old_model_hash(path: str | os.PathLike) -> str:
-    """A1111's legacy 8-hex hash: sha256 of the 64 KiB that start 1 MiB into the file."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]

@@ -142,7 +142,8 @@ class StableDiffusion:
         """Text to image. Options (A1111 names in snake case): width, height, steps=20, cfg_scale=7, sampler="Euler a",
         scheduler="Automatic", seed=-1, subseed, subseed_strength, seed_resize_from, batch_size=1, clip_skip=1,
         eta_noise_seed_delta, rng="CPU"|"GPU"|"NV", hires=Hires(...) or dict, original_size, crop, controlnets,
-        refiner, refiner_switch_at, vae_tiling, cfg_batch, sampler_options, callback.
+        refiner, refiner_switch_at, vae_tiling, cfg_batch, sampler_options, callback, emphasis ("Original", "No norm",
+        "Ignore", "None"), use_old_scheduling.
         Returns Result(images=[PIL], infotexts=[str], seeds=[int], latents)."""
         return self._run(prompt, dict(options, negative_prompt=negative_prompt))
 
@@ -157,7 +158,8 @@ class StableDiffusion:
                 strength: float = 0.75, **options) -> Result:
         """Regenerate the white part of ``mask``. Options: mask_blur=4, invert_mask, inpaint_fill ("original",
         "fill", "latent noise", "latent nothing"), only_masked, only_masked_padding=32, mask_weight=1, and img2img's.
-        Inpainting checkpoints get the masked image as conditioning; others blend latents with the mask each step.
+        Latents are blended with the mask at every step; inpainting checkpoints also get the masked image as
+        conditioning.
         Unmasked pixels of the result are the original's."""
         return self._run(prompt, dict(options, negative_prompt=negative_prompt, init_image=image, mask=mask,
                                       denoising_strength=strength))

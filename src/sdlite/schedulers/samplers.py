@@ -5,7 +5,9 @@
 fills in A1111's keyword defaults (η, solver type, …). Its fields say what else A1111 does around the call: which
 schedule "Automatic" means, whether the penultimate σ is dropped, what noise the sampler draws, whether it needs
 the LCM denoiser, and whether it is one of the timestep ("CompVis") samplers that ignore the schedule type.
-``get_sampler_and_sigmas`` does that wiring for one sampling pass, as A1111's sample / sample_img2img do.
+``sdlite.schedulers.sampling_pass.get_sampler_and_sigmas`` does that wiring for one sampling pass, as A1111's
+sample / sample_img2img do. This module is also where the "Automatic" schedule type is resolved
+(:func:`resolve_schedule`), and :func:`get_sigmas` is the schedule lookup that understands it.
 
 Names combined with a schedule ("DPM++ 2M Karras", as infotexts from before A1111 1.9 have them) are split by
 :func:`parse_sampler_name`.
@@ -13,7 +15,6 @@ Names combined with a schedule ("DPM++ 2M Karras", as infotexts from before A111
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -23,11 +24,11 @@ import torch
 from .denoiser import Denoiser, LCMDenoiser, LCMSchedule
 from .samplers_dpm_solver import sample_dpm_adaptive, sample_dpm_fast
 from .samplers_ode import sample_dpm_2, sample_dpmpp_2m, sample_euler, sample_heun, sample_lms, sample_restart
-from .samplers_sde import (BrownianTreeNoiseSampler, sample_dpm_2_ancestral, sample_dpmpp_2m_sde,
+from .samplers_sde import (sample_dpm_2_ancestral, sample_dpmpp_2m_sde,
                            sample_dpmpp_2s_ancestral, sample_dpmpp_3m_sde, sample_dpmpp_sde,
                            sample_euler_ancestral, sample_lcm)
 from .samplers_timestep import sample_ddim, sample_plms, sample_unipc
-from .sigmas import SCHEDULES, compvis_sigmas, compvis_timesteps, find_schedule, get_sigmas, unipc_sigmas
+from .sigmas import SCHEDULES, Schedule, compvis_sigmas, compvis_timesteps, find_schedule, schedule_sigmas, unipc_sigmas
 
 
 def _range_of(sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,11 +56,11 @@ def sample_dpm_adaptive_over_sigmas(model, x, sigmas, extra_args=None, callback=
 class Sampler:
     """One sampler as A1111 1.10 runs it.
 
-    ``schedule``: what the "Automatic" schedule type means for it (unused by the timestep samplers). ``options``: the keyword defaults A1111 passes
-    (its "Eta for ancestral samplers" 1.0, "Eta for DDIM" 0.0, …). ``noise``: ``"ancestral"`` draws from
-    ``noise_sampler`` (A1111: the per-image generators), ``"brownian"`` wants a Brownian tree seeded with the image
-    seeds, ``"none"`` draws nothing. ``discard_penultimate_sigma``: A1111 computes one step more and drops the
-    next-to-last σ. ``second_order``: two model calls per step, which A1111's prompt schedules count.
+    ``schedule``: what the "Automatic" schedule type means for it (unused by the timestep samplers; resolved by
+    :meth:`schedule_for`). ``options``: the keyword defaults A1111 passes (its "Eta for ancestral samplers" 1.0,
+    "Eta for DDIM" 0.0, …). ``noise``: ``"ancestral"`` draws from ``noise_sampler`` (A1111: the per-image
+    generators), ``"brownian"`` wants a Brownian tree seeded with the image seeds, ``"none"`` draws nothing.
+    ``discard_penultimate_sigma``: A1111 computes one step more and drops the next-to-last σ. ``second_order``: two model calls per step, which A1111's prompt schedules count.
     ``uses_ensd``: A1111 writes "ENSD" into the infotext. ``grid``: ``"schedule"`` (any schedule type),
     ``"sigma_range"`` (DPM fast/adaptive: only the σ range and step count are used), ``"compvis"``/``"unipc"``
     (A1111's timestep samplers: own grid whatever the schedule type, VP-scaled latents). ``lcm``: needs
@@ -95,6 +96,12 @@ class Sampler:
         """The denoiser A1111 wraps the UNet in for this sampler."""
         return LCMDenoiser(unet, prediction) if self.lcm else Denoiser(unet, prediction)
 
+    def schedule_for(self, schedule: str = "Automatic") -> Schedule:
+        """The schedule ``schedule`` names for this sampler: "Automatic" is this sampler's default (for a combined
+        name such as "DPM++ 2M Karras", the named one)."""
+        found = find_schedule(schedule)
+        return find_schedule(self.schedule) if found.function is None else found
+
     def get_sigmas(self, n: int, schedule: str = "Automatic", *, denoiser=None, sigma_min=None, sigma_max=None,
                    dtype: torch.dtype = torch.float32, **options) -> torch.Tensor:
         """The σ list A1111 builds for ``n`` steps of this sampler with schedule type ``schedule`` (its
@@ -105,9 +112,9 @@ class Sampler:
             return unipc_sigmas(len(compvis_timesteps(n)), denoiser, dtype=dtype)
         if self.lcm and not isinstance(getattr(denoiser, "schedule", denoiser), LCMSchedule):
             denoiser = LCMSchedule(getattr(denoiser, "schedule", denoiser))
-        name = self.schedule if find_schedule(schedule).function is None else schedule
         extra = 1 if self.discard_penultimate_sigma else 0
-        sigmas = get_sigmas(name, n + extra, sigma_min, sigma_max, denoiser=denoiser, dtype=dtype, **options)
+        sigmas = schedule_sigmas(self.schedule_for(schedule), n + extra, sigma_min, sigma_max, denoiser=denoiser,
+                                 dtype=dtype, **options)
         return torch.cat([sigmas[:-2], sigmas[-1:]]) if extra else sigmas
 
 
@@ -174,80 +181,29 @@ def get_sampler(name: str) -> Sampler:
     return entry if schedule == "Automatic" else replace(entry, schedule=schedule)
 
 
-def get_sampler_and_sigmas(sampler: str, schedule: str = "Automatic", steps: int = 20, run_steps: int | None = None,
-                           denoiser=None, *, seeds=None, txt2img: bool | None = None,
-                           dtype: torch.dtype = torch.float32, **options):
-    """One sampling pass wired as A1111 1.10 wires it: ``(run, sigmas, options)``.
+def resolve_schedule(schedule: str = "Automatic", sampler: str | None = None) -> Schedule:
+    """The concrete schedule meant by ``schedule`` for ``sampler`` (an A1111 sampler name, possibly combined with a
+    schedule): the one place "Automatic" is resolved. A schedule named in the sampler's name wins ("DPM++ 2M
+    Karras" is Karras whatever ``schedule`` says, as A1111 reads old infotexts); then ``schedule`` itself;
+    "Automatic" is the sampler's default, or "Uniform" (the model's own ``get_sigmas``) without a sampler."""
+    found = find_schedule(schedule)  # checked even when the sampler's name overrides it
+    if sampler is None:
+        return find_schedule("Uniform") if found.function is None else found
+    if parse_sampler_name(sampler)[1] != "Automatic":
+        schedule = "Automatic"  # the entry's default is then the named schedule (get_sampler)
+    return get_sampler(sampler).schedule_for(schedule)
 
-    ``steps`` is the schedule length and ``run_steps`` how many of its last steps this pass runs (img2img with
-    denoising strength s: A1111's int(min(s, 0.999)·steps) + 1; default all). Start from ``x = x₀ + noise·sigmas[0]``
-    (txt2img: ``noise·sigmas[0]``), then ``run(model, x, sigmas, **options)``. ``options`` are the effective
-    keyword arguments: A1111's defaults, then yours; schedule options (``rho``, ``family``, ``alpha``, ``beta``) go
-    to the schedule. ``txt2img`` defaults to ``run_steps == steps``; it matters only for the timestep samplers,
-    whose txt2img starts from unscaled noise.
 
-    What ``run`` adds around the sampler function: for "brownian" samplers with no ``noise_sampler`` given (the
-    returned options hold ``noise_sampler=None`` for them), a :class:`BrownianTreeNoiseSampler` over the whole
-    schedule's σ range seeded with ``seeds``; for the timestep samplers, A1111's VP latents (txt2img starts at
-    x_vp = noise; img2img noises to the timestep after the first one run; the result is the VP latent at the last
-    timestep).
+def get_sigmas(name: str, n: int, sigma_min: float | None = None, sigma_max: float | None = None, *,
+               denoiser=None, sampler: str | None = None, dtype: torch.dtype = torch.float32,
+               **options) -> torch.Tensor:
+    """The σ of schedule ``name`` for ``n`` steps: n+1 values from high to low ending in 0 (see
+    :mod:`~sdlite.schedulers.sigmas` for the two A1111 schedules that break that shape).
+
+    ``"Automatic"`` resolves to the default of ``sampler`` (an A1111 sampler name), or to "Uniform" without one
+    (:func:`resolve_schedule`). ``options`` are the schedule's own: ``rho`` (Karras 7, Polyexponential 1),
+    ``family`` (Align Your Steps: "sd1", "sd2", "sdxl", …), ``alpha``/``beta`` (Beta, 0.6 each). The σ range, and
+    the model's table, come from ``denoiser`` when given.
     """
-    sampler_name, named_schedule = parse_sampler_name(sampler)
-    info = _BY_NAME[sampler_name.lower()]
-    schedule = named_schedule if named_schedule != "Automatic" else find_schedule(schedule).label
-    run_steps = steps if run_steps is None else run_steps
-    txt2img = run_steps == steps if txt2img is None else txt2img
-    denoiser = denoiser if denoiser is not None else Denoiser(None)
-    schedule_options = {k: options.pop(k) for k in ("rho", "family", "alpha", "beta") if k in options}
-    options = {**info.options, **options}
-    if info.grid in ("compvis", "unipc"):
-        return _timestep_pass(info, steps, run_steps, txt2img, denoiser, dtype, options)
-
-    if info.grid == "sigma_range" and txt2img:  # A1111 passes the model's σ range and the step count, nothing else
-        full = denoiser.get_sigmas(steps).to(dtype)
-    else:
-        full = info.get_sigmas(steps, schedule, denoiser=denoiser, dtype=dtype,
-                               **_accepted(schedule if schedule != "Automatic" else info.schedule, schedule_options))
-    sigmas = full[steps - run_steps:]
-    if info.noise != "brownian":
-        return info, sigmas, options
-
-    def run(model, x, sigmas, noise_sampler=None, **kwargs):
-        if noise_sampler is None:
-            noise_sampler = BrownianTreeNoiseSampler(x, full[full > 0].min(), full.max(), seed=seeds)
-        return info(model, x, sigmas, noise_sampler=noise_sampler, **kwargs)
-
-    return run, sigmas, {**options, "noise_sampler": options.get("noise_sampler")}
-
-
-def _accepted(schedule: str, options: dict) -> dict:
-    """The schedule options that ``schedule`` takes (A1111 passes ρ only to schedules that have one, etc.)."""
-    parameters = inspect.signature(find_schedule(schedule).function).parameters
-    return {k: v for k, v in options.items() if k in parameters}
-
-
-def _timestep_pass(info: Sampler, steps, run_steps, txt2img, denoiser, dtype, options):
-    """A1111's CompVisSampler: integer timesteps from :func:`compvis_timesteps`, VP latents in and out."""
-    timesteps = compvis_timesteps(steps)
-    table = denoiser.sigmas.to(dtype)
-    if txt2img:
-        run_sigmas = info.get_sigmas(steps, denoiser=denoiser, dtype=dtype)
-        sigmas = run_sigmas
-    else:
-        t_enc = run_steps - 1  # noised to timesteps[t_enc], sampled over timesteps[:t_enc]
-        if info.grid == "compvis" or t_enc == 0:
-            run_sigmas = table[torch.tensor(timesteps[:t_enc], dtype=torch.long)].flip(0)
-        else:
-            run_sigmas = unipc_sigmas(t_enc, denoiser, t_max=float(timesteps[t_enc - 1]), dtype=dtype)
-        sigmas = torch.cat([table[timesteps[t_enc]].reshape(1), run_sigmas])
-
-    def run(model, x, sigmas, **kwargs):
-        # The pipeline's x is k-diffusion-scaled at sigmas[0]; A1111 holds VP latents: unscaled noise (txt2img) or
-        # x₀·√ᾱ + noise·√(1−ᾱ) (img2img), which it then treats as lying at the first timestep it runs.
-        x_vp = x / sigmas[0] if txt2img else x / (1 + sigmas[0] ** 2) ** 0.5
-        if len(run_sigmas) < 2:
-            return x_vp
-        x = info(model, x_vp * (1 + run_sigmas[0] ** 2) ** 0.5, run_sigmas.to(x.device), **kwargs)
-        return x / (1 + run_sigmas[-1] ** 2) ** 0.5
-
-    return run, sigmas, options
+    return schedule_sigmas(resolve_schedule(name, sampler), n, sigma_min, sigma_max, denoiser=denoiser, dtype=dtype,
+                           **options)

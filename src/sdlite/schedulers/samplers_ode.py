@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .sigmas import get_sigmas
+from .sigmas import schedule_sigmas
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -181,7 +181,7 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     steps, twice), the main grid being rebuilt as Karras with the restart steps taken off.
     """
     def karras(n, sigma_min, sigma_max):  # in float32, like the k-diffusion function A1111 calls
-        return get_sigmas("Karras", n, float(sigma_min), float(sigma_max)).to(sigmas.device, sigmas.dtype)
+        return schedule_sigmas("Karras", n, float(sigma_min), float(sigma_max)).to(sigmas.device, sigmas.dtype)
 
     def nearest(value) -> int:
         return int(torch.argmin((sigmas - value).abs()))

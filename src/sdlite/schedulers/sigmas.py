@@ -3,7 +3,8 @@
 ``get_sigmas(name, n, sigma_min, sigma_max, denoiser=...)`` returns the σ a sampler steps through: n+1 values from
 high to low ending in 0, as A1111 computes them (in float32 unless another dtype is asked for). Two A1111 schedules
 break that shape and are reproduced as they are: "KL Optimal" ends at sigma_min instead of 0, and "DDIM" has more
-than n+1 values when n does not divide 1000. "Automatic" is the sampler's own default (see ``samplers.SAMPLERS``).
+than n+1 values when n does not divide 1000. "Automatic" is the sampler's own default and is resolved by the sampler
+table (``samplers.resolve_schedule``, the one place that knows both tables); this module knows schedules alone.
 
 Schedules that read the model's discrete σ table (Uniform, SGM Uniform, Simple, Normal, DDIM) take it from
 ``denoiser`` (anything with ``sigmas``, ``sigma_to_t``, ``t_to_sigma`` and ``get_sigmas``, e.g.
@@ -182,23 +183,21 @@ def find_schedule(name: str) -> Schedule:
         raise ValueError(f"unknown schedule type {name!r}; known: {', '.join(SCHEDULE_NAMES)}") from None
 
 
-def get_sigmas(name: str, n: int, sigma_min: float | None = None, sigma_max: float | None = None, *,
-               denoiser=None, sampler: str | None = None, dtype: torch.dtype = torch.float32,
-               **options) -> torch.Tensor:
-    """The σ of schedule ``name`` for ``n`` steps (see the module docstring for the shape).
-
-    ``"Automatic"`` resolves to the default of ``sampler`` (an A1111 sampler name), or to "Uniform" without one.
-    ``options`` are the schedule's own: ``rho`` (Karras 7, Polyexponential 1), ``family`` (Align Your Steps:
-    "sd1", "sd2", "sdxl", …), ``alpha``/``beta`` (Beta, 0.6 each). The σ range, and the model's table, come from
-    ``denoiser`` when given.
+def schedule_sigmas(schedule: Schedule | str, n: int, sigma_min: float | None = None,
+                    sigma_max: float | None = None, *, denoiser=None, dtype: torch.dtype = torch.float32,
+                    **options) -> torch.Tensor:
+    """The σ of a concrete schedule (a :class:`Schedule` or its name) for ``n`` steps (see the module docstring for
+    the shape). ``options`` are the schedule's own: ``rho`` (Karras 7, Polyexponential 1), ``family`` (Align Your
+    Steps: "sd1", "sd2", "sdxl", …), ``alpha``/``beta`` (Beta, 0.6 each). The σ range, and the model's table, come
+    from ``denoiser`` when given. "Automatic" is not a schedule of its own: ``sdlite.schedulers.get_sigmas`` and
+    the samplers resolve it first.
     """
     if n < 1:
         raise ValueError(f"a schedule needs at least 1 step, got {n}")
-    schedule = find_schedule(name)
+    schedule = find_schedule(schedule) if isinstance(schedule, str) else schedule
     if schedule.function is None:
-        from .samplers import get_sampler  # the sampler table imports this module
-
-        schedule = find_schedule(get_sampler(sampler).schedule if sampler is not None else "Uniform")
+        raise ValueError('"Automatic" means the sampler\'s default schedule: resolve it with '
+                         "sdlite.schedulers.resolve_schedule(schedule, sampler) first")
     table = denoiser if denoiser is not None else DiscreteSchedule()
     sigma_min = float(table.sigmas[0]) if sigma_min is None else float(sigma_min)
     sigma_max = float(table.sigmas[-1]) if sigma_max is None else float(sigma_max)
