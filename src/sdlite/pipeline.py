@@ -17,7 +17,9 @@ from .checkpoint.family_table import FAMILIES
 from .checkpoint.load import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .conditioning import Conditioning, encode_text
+from . import upscalers
 from .generate import Hires, Job, Result, generate
+from .job import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
 from .images import outpaint_canvas
 from .infotext import model_hash
 from .offload import Offload, Visit, move
@@ -124,6 +126,10 @@ class StableDiffusion:
         options.setdefault("height", self.native_size)
         if isinstance(options.get("hires"), dict):
             options["hires"] = Hires(**options["hires"])
+        hires = options.get("hires")
+        if hires is not None and hires.upscaler not in (*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS):
+            # an upscaler file named as A1111 names it, found and loaded before any work starts
+            options["hires"] = replace(hires, upscaler=upscalers.resolve(hires.upscaler, self.upscaler_dirs))
         if options.get("controlnets"):
             options["controlnets"] = [self._with_annotator(unit) for unit in options["controlnets"]]
         known = {f.name for f in fields(Job)}

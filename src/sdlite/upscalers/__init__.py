@@ -8,8 +8,8 @@ does it (the "Hires upscaler" of its hires fix).
 """
 
 from .archs import ESRGAN, RRDBConfig, RRDBNet, SRVGGConfig, SRVGGNetCompact, infer_srvgg_config
-from .loader import A1111_NAMES, find, infer_rrdb_config, load, resolve
+from .loader import A1111_NAMES, find, infer_rrdb_config, load, name_of, resolve
 from .tiles import fit, tile_starts, upscale, upscale_tensor
 
 __all__ = ["A1111_NAMES", "ESRGAN", "RRDBConfig", "RRDBNet", "SRVGGConfig", "SRVGGNetCompact", "find", "fit",
-           "infer_rrdb_config", "infer_srvgg_config", "load", "resolve", "tile_starts", "upscale", "upscale_tensor"]
+           "infer_rrdb_config", "infer_srvgg_config", "load", "name_of", "resolve", "tile_starts", "upscale", "upscale_tensor"]

@@ -156,3 +156,8 @@ def resolve(upscaler: str | os.PathLike | nn.Module, dirs: Iterable[str | os.Pat
         return upscaler
     path = find(os.fspath(upscaler), dirs)
     return _cached(str(path), path.stat().st_mtime)
+
+
+def name_of(model: nn.Module) -> str:
+    """The name infotexts give ``model``: the one ``load`` recorded, else its class name."""
+    return getattr(model, "name", type(model).__name__)
