@@ -112,7 +112,9 @@ def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> Non
     p.add_argument("--prediction", choices=["eps", "v"], default=None)
     p.add_argument("--hires-scale", type=float, default=None, help="enable hires fix with this upscale factor")
     p.add_argument("--hires-steps", type=int, default=None)
-    p.add_argument("--hires-upscaler", default=None)
+    p.add_argument("--hires-upscaler", default=None,
+                   help='a latent mode, "Lanczos", or an upscaler file ("R-ESRGAN 4x+", "4x-UltraSharp")')
+    p.add_argument("--upscaler-dir", action="append", default=[], help="where upscaler files are looked up")
     p.add_argument("--hires-strength", type=float, default=None)
     if image:
         p.add_argument("--strength", type=float, default=None, help="denoising strength")
@@ -156,6 +158,7 @@ def run_generation(args: argparse.Namespace) -> int:
     prompt, options = _options(args)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = sdlite.load(args.model, device=args.device, dtype=dtype, prediction=args.prediction)
+    pipe.upscaler_dirs = list(args.upscaler_dir)
     options["callback"] = ProgressBar()
     negative = options.pop("negative_prompt", "")
     start = time.perf_counter()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import images as im
+from . import upscalers
 from .guidance import GuidedDenoiser, Handoff, StepState
 from .init_image import masked_pixels, prepare_image
 from .job import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Hires, Job, Result, resolve_seed
@@ -260,8 +261,11 @@ class Generation:
             upscaled = F.interpolate(first.samples.float(), size=(height // f, width // f), mode=mode,
                                      antialias=antialias).to(first.samples)
         else:
-            resample = IMAGE_UPSCALERS[hr.upscaler]
-            pictures = [p.resize((width, height), resample) for p in im.to_pil(self.decode(first.samples))]
+            decoded = im.to_pil(self.decode(first.samples))
+            if isinstance(hr.upscaler, torch.nn.Module):  # A1111's resize_image(1, …) with the upscaler network
+                pictures = [upscalers.fit(p, hr.upscaler, width, height) for p in decoded]
+            else:
+                pictures = [p.resize((width, height), IMAGE_UPSCALERS[hr.upscaler]) for p in decoded]
             upscaled = self.encode(torch.stack([im.to_tensor(p) for p in pictures]))
         image_cond = self._blank_inpaint_conditioning(width, height)
         # A1111 runs exactly the hires steps: the schedule is stretched to steps/strength and its tail is used.
@@ -298,7 +302,7 @@ class Generation:
             else:
                 params["Hires upscale"] = float(hr.scale)
             params["Hires steps"] = hr.steps or None
-            params["Hires upscaler"] = hr.upscaler
+            params["Hires upscaler"] = hr.upscaler if isinstance(hr.upscaler, str) else upscalers.name_of(hr.upscaler)
             params["Denoising strength"] = float(hr.denoising_strength)
         if job.mask is not None:
             params["Mask blur"] = job.mask_blur

@@ -30,7 +30,9 @@ class Hires:
     scale: float = 2.0
     width: int = 0
     height: int = 0
-    upscaler: str = "Latent"
+    # a latent mode ("Latent", …), an image filter ("Lanczos", …), an upscaler file by A1111 name or stem ("R-ESRGAN
+    # 4x+", "4x-UltraSharp"; looked up in pipe.upscaler_dirs) or a module from sdlite.upscalers.load
+    upscaler: str | torch.nn.Module = "Latent"
     steps: int = 0  # 0 = same as the first pass
     denoising_strength: float = 0.7
 
@@ -114,9 +116,12 @@ class Job:
         if self.refiner is not None and not 0.0 < self.refiner_switch_at < 1.0:
             raise ValueError(f"refiner_switch_at must lie in (0, 1), got {self.refiner_switch_at}")
         if self.hires is not None:
-            if self.hires.upscaler not in LATENT_UPSCALE_MODES and self.hires.upscaler not in IMAGE_UPSCALERS:
+            upscaler = self.hires.upscaler
+            if not isinstance(upscaler, torch.nn.Module) and upscaler not in LATENT_UPSCALE_MODES \
+                    and upscaler not in IMAGE_UPSCALERS:
                 known = ", ".join([*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS])
-                raise ValueError(f"unknown hires upscaler {self.hires.upscaler!r}; known: {known}")
+                raise ValueError(f"unknown hires upscaler {upscaler!r}; known: {known}, or an upscaler module "
+                                 "(the pipeline methods load names found in pipe.upscaler_dirs)")
             im.check_size(*self.hires.size(self.width, self.height))
 
 

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 
+from .adapters import annotators
 from .adapters.lora import LoraHandle, apply_lora
 from .checkpoint.family_table import FAMILIES
 from .checkpoint.load import load_components
 from .adapters.embeddings import EmbeddingSet, load_embeddings
 from .conditioning import Conditioning, encode_text
 from .data import BUILTIN_MODELS, builtin_model
+from . import upscalers
 from .generate import Hires, Job, Result, generate
+from .job import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES
 from .images import outpaint_canvas
 from .infotext import model_hash
 from .offload import Offload, Visit, move
@@ -41,6 +44,8 @@ class StableDiffusion:
         self.set_aside, self.unknown = set_aside or [], unknown or []
         self.embeddings: EmbeddingSet | None = None
         self.lora_dirs: list[str | os.PathLike] = []  # where <lora:name:…> prompt tags are looked up
+        self.annotator_dirs: list[str | os.PathLike] = []  # where ControlUnit preprocessors find their weights
+        self.upscaler_dirs: list[str | os.PathLike] = []  # where Hires(upscaler="R-ESRGAN 4x+") finds its file
         self._loras: list[LoraHandle] = []
         self._offload: Offload | None = None
 
@@ -130,11 +135,23 @@ class StableDiffusion:
         options.setdefault("height", self.native_size)
         if isinstance(options.get("hires"), dict):
             options["hires"] = Hires(**options["hires"])
+        hires = options.get("hires")
+        if hires is not None and hires.upscaler not in (*LATENT_UPSCALE_MODES, *IMAGE_UPSCALERS):
+            # an upscaler file named as A1111 names it, found and loaded before any work starts
+            options["hires"] = replace(hires, upscaler=upscalers.resolve(hires.upscaler, self.upscaler_dirs))
+        if options.get("controlnets"):
+            options["controlnets"] = [self._with_annotator(unit) for unit in options["controlnets"]]
         known = {f.name for f in fields(Job)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known - {'prompt'}))}")
         return generate(self, Job(prompt=prompt, **options))
+
+    def _with_annotator(self, unit):
+        """The unit with its annotator network loaded from ``annotator_dirs`` when its preprocessor needs one."""
+        if getattr(unit, "annotator", False) is None and unit.preprocessor in annotators.PREPROCESSORS:
+            return replace(unit, annotator=annotators.network_for(unit.preprocessor, self.annotator_dirs))
+        return unit
 
     def txt2img(self, prompt: str, negative_prompt: str = "", **options) -> Result:
         """Text to image. Options (A1111 names in snake case): width, height, steps=20, cfg_scale=7, sampler="Euler a",

@@ -239,7 +239,10 @@ class ControlUnit:
 
     ``image``: PIL image, numpy [H, W(, C)] or torch [C, H, W] in [0, 1]; fitted to the generation size by
     ``resize_mode`` ("just resize", "crop and resize", "resize and fill") and run through ``preprocessor`` (None: the
-    image already is a map for this ControlNet; "canny" with ``canny_thresholds``; "invert").
+    image already is a map for this ControlNet; "canny" with ``canny_thresholds``; "invert"; an annotator network:
+    "softedge_hed", "softedge_hedsafe", "lineart_realistic", "lineart_coarse", "openpose", run at
+    ``detect_resolution`` with ``annotator`` (a module from ``sdlite.adapters.annotators.load``) or, when None, the
+    weight file found in the pipeline's ``annotator_dirs``).
     ``weight``: every residual is multiplied by it. ``start``/``end``: the fraction of the sampling steps during
     which the unit is applied. ``guess_mode``: "ControlNet is more important" — soft weights (``soft_scales``) and
     control on the conditional rows of a CFG batch only, so that classifier-free guidance amplifies the control's
@@ -255,6 +258,8 @@ class ControlUnit:
     preprocessor: str | None = None
     resize_mode: str = "crop and resize"
     canny_thresholds: tuple[float, float] = (100, 200)
+    annotator: nn.Module | None = None
+    detect_resolution: int = 512
 
     def __post_init__(self):
         if not 0.0 <= self.start <= self.end <= 1.0:
@@ -270,14 +275,17 @@ class ControlUnit:
 
 
 def prepare_hint(unit: ControlUnit, width: int, height: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+                 dtype: torch.dtype | None = None, annotator_dirs=()) -> torch.Tensor:
     """The unit's control image for a width x height generation: [1, 3, height, width] in [0, 1], on the
-    ControlNet's device and dtype unless given. Done once per generation (and once more at the hires-fix size)."""
+    ControlNet's device and dtype unless given. Done once per generation (and once more at the hires-fix size).
+    ``annotator_dirs``: where an annotator preprocessor's weights are looked up when the unit has none."""
     if unit.net.config.hint_channels != 3:
         raise ValueError(f"this ControlNet takes a {unit.net.config.hint_channels}-channel hint; prepare_hint makes "
                          "RGB ones: give the ControlNet a hint tensor of your own")
     array = preprocess.prepare(unit.image, width, height, preprocessor=unit.preprocessor,
-                               resize_mode=unit.resize_mode, canny_thresholds=unit.canny_thresholds)
+                               resize_mode=unit.resize_mode, canny_thresholds=unit.canny_thresholds,
+                               annotator=unit.annotator, annotator_dirs=annotator_dirs,
+                               detect_resolution=unit.detect_resolution)
     hint = torch.from_numpy(array).permute(2, 0, 1)[None]
     return hint.to(device=unit.net.time_embed[0].weight.device if device is None else device,
                    dtype=dtype or unit.net.dtype)

@@ -9,9 +9,12 @@ The conventions are those of sd-webui-controlnet, so that settings carry over fr
   non-maximum suppression, double threshold with 8-connected hysteresis) with A1111's default thresholds 100/200,
   written here in numpy so that sdlite does not depend on OpenCV;
 * "invert" turns black lines on white (a scan, a sketch) into the white-on-black maps the models were trained on;
-* ``None`` passes a ready map (depth, pose, normal, segmentation, scribble, lineart …) straight through.
+* the annotators with network weights ("softedge_hed", "softedge_hedsafe", "lineart_realistic", "lineart_coarse",
+  "openpose"; see ``sdlite.adapters.annotators``) run on the image at ``detect_resolution`` (512 by default, as
+  sd-webui-controlnet's "Preprocessor Resolution") and their map is then fitted like an image;
+* ``None`` passes a ready map (depth, normal, segmentation, scribble …) straight through.
 
-Preprocessors run on the image already scaled to the generation size and before the crop or the padding, so edges
+Canny and invert run on the image already scaled to the generation size and before the crop or the padding, so edges
 come out one pixel thin at the size the ControlNet sees, and the padding of "resize and fill" adds no edge.
 """
 
@@ -22,8 +25,9 @@ import torch
 from PIL import Image
 
 from ..images import RESIZE_MODES
+from . import annotators
 
-PREPROCESSORS = (None, "canny", "invert")
+PREPROCESSORS = (None, "canny", "invert", *annotators.PREPROCESSORS)
 
 # tan(22.5°) in OpenCV's 15-bit fixed point; tan(67.5°) = tan(22.5°) + 2. Integer comparisons keep the direction
 # sectors exactly where OpenCV puts them.
@@ -169,11 +173,13 @@ def _place(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 def prepare(image: Image.Image | np.ndarray | torch.Tensor, width: int, height: int, *,
             preprocessor: str | None = None, resize_mode: str = "crop and resize",
-            canny_thresholds: tuple[float, float] = (100, 200)) -> np.ndarray:
+            canny_thresholds: tuple[float, float] = (100, 200), annotator: torch.nn.Module | None = None,
+            annotator_dirs=(), detect_resolution: int = 512) -> np.ndarray:
     """The control map for a width x height generation: float32 [height, width, 3] in [0, 1].
 
     The image is scaled as ``resize_mode`` says (Lanczos), run through ``preprocessor``, then cropped or padded to
-    the exact size.
+    the exact size. A preprocessor with a network runs first, on the image as given, with ``annotator`` (a module
+    from ``annotators.load``) or the weight file found in ``annotator_dirs``.
     """
     if resize_mode not in RESIZE_MODES:
         raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, not {resize_mode!r}")
@@ -182,6 +188,9 @@ def prepare(image: Image.Image | np.ndarray | torch.Tensor, width: int, height: 
     if width < 1 or height < 1:
         raise ValueError(f"the generation size must be positive, got {width}x{height}")
     rgb = to_rgb(image)
+    if preprocessor in annotators.PREPROCESSORS:
+        net = annotator if annotator is not None else annotators.network_for(preprocessor, annotator_dirs)
+        rgb = annotators.annotate(preprocessor, rgb, net, detect_resolution)
     h0, w0 = rgb.shape[:2]
     size = _scaled_size(width, height, w0, h0, resize_mode)
     if size != (w0, h0):

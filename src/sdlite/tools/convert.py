@@ -1,4 +1,4 @@
-"""Converting and pruning checkpoints, one tensor at a time (docs/formats.md, Checkpoint tools).
+"""Converting and pruning checkpoints, one tensor at a time (docs/formats.md §13).
 
 * Any input sdlite reads (``.safetensors``, weights-only ``.ckpt``/``.pt`` pickles, never executed) → ``.safetensors``.
 * ``dtype``: floating-point tensors to fp16 / bf16 / fp32 (integer tables such as ``position_ids`` stay as they are).

@@ -1,5 +1,5 @@
 """A LoRA from the difference between a fine-tuned checkpoint and its original, as kohya's
-``extract_lora_from_models.py`` makes it (docs/formats.md, Checkpoint tools).
+``extract_lora_from_models.py`` makes it (docs/formats.md §13).
 
 The modules are those kohya's LoRA trains: every Linear and 1x1 convolution inside the UNet's transformer blocks and
 the text encoders' attention and MLP layers (rank ``rank``); with ``conv_rank``, also the res blocks, down- and

@@ -1,5 +1,5 @@
 """Changing LoRA files: a lower rank by SVD (kohya's ``resize_lora.py``), several LoRAs merged into one (kohya's
-``merge_lora.py``, by concatenated ranks or by SVD) — docs/formats.md, Checkpoint tools.
+``merge_lora.py``, by concatenated ranks or by SVD) — docs/formats.md §13.
 
 A layer's ΔW is rebuilt from its factors (``adapters.lora_formats``), factored again (``tools.svd``) and written as a
 kohya LoRA layer. Resizing keeps each layer's scale alpha/rank (new alpha = scale · new rank), as kohya does; merged

@@ -1,5 +1,5 @@
 """Low-rank factors of a weight difference by SVD, as kohya's LoRA extraction and resize scripts make them
-(docs/formats.md, Checkpoint tools).
+(docs/formats.md §13).
 
 ΔW [out, in·kh·kw] = U·diag(S)·Vh; the rank-r LoRA is up = U[:, :r]·diag(S[:r]) and down = Vh[:r] (Eckart–Young: the
 best rank-r approximation in the Frobenius norm). A 3x3 convolution's down is [r, in, 3, 3] and its up [out, r, 1, 1],

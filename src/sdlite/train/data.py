@@ -1,4 +1,4 @@
-"""Training images and their captions, in the folder layouts kohya sd-scripts reads (docs/formats.md "Training").
+"""Training images and their captions, in the folder layouts kohya sd-scripts reads (docs/formats.md §12).
 
 A data folder holds images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``) with same-named ``.txt`` captions,
 or subfolders named ``N_identifier class`` (kohya's DreamBooth convention): each image of such a folder is seen N

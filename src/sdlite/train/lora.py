@@ -2,7 +2,7 @@
 LoCon, and the text encoders), saved as a kohya-format file that AUTOMATIC1111, ComfyUI, diffusers' load_lora_weights
 and sdlite's ``pipe.add_lora`` all load.
 
-File layout (kohya ``networks/lora.py``, docs/formats.md "Training"): per layer ``<name>.lora_down.weight`` [r, in] (a
+File layout (kohya ``networks/lora.py``, docs/formats.md §12): per layer ``<name>.lora_down.weight`` [r, in] (a
 conv: [r, in, k, k]), ``<name>.lora_up.weight`` [out, r] (a conv: [out, r, 1, 1]) and ``<name>.alpha`` (0-dim), with
 kohya's ``ss_*`` training metadata and the ``modelspec.*`` fields (Stability AI's model spec).
 """

@@ -7,7 +7,7 @@ each sample's elements, in float32, optionally weighted by min-SNR-γ (Hang et a
 via Min-SNR Weighting Strategy"): with SNR = ᾱ/(1−ᾱ), ε-models are weighted min(SNR, γ)/SNR and v-models
 min(SNR, γ)/(SNR + 1). Noise offset (Guttenberg 2023) adds a per-channel constant to ε so that the model learns to
 change an image's mean brightness; zero-terminal-SNR (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample
-Steps are Flawed") rescales √ᾱ so that the last timestep is pure noise. docs/formats.md "Training" lists the
+Steps are Flawed") rescales √ᾱ so that the last timestep is pure noise. docs/formats.md §12 lists the
 conventions.
 """
 
