@@ -13,5 +13,7 @@ from __future__ import annotations
 from .loop import Method, Result, Run, TrainConfig
 from .loss import denoising_loss
 from .lora import LoraMethod, lora
+from .textual_inversion import TextualInversionMethod, textual_inversion
 
-__all__ = ["denoising_loss", "lora", "LoraMethod", "Method", "Result", "Run", "TrainConfig"]
+__all__ = ["denoising_loss", "lora", "LoraMethod", "Method", "Result", "Run", "TrainConfig", "textual_inversion",
+           "TextualInversionMethod"]

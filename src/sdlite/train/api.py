@@ -57,6 +57,12 @@ def build_run(model, data: str | os.PathLike, method: Method, output: str | os.P
     data_options, train_options = split_options(options)
     config = TrainConfig(**train_options)
     pipe = load_model(model, device, dtype)
+    batches = build_batches(pipe, data, data_options, config)
+    return Run(pipe, method, batches, config, output, progress=progress, data_options=data_options)
+
+
+def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: TrainConfig) -> Batches:
+    """The checked image folder ``data``, its latents cached by the frozen VAE, as the run's batches."""
     resolution = data_options["resolution"] or pipe.native_size
     folder = ImageFolder(data, resolution=resolution, prompt=data_options["prompt"],
                          caption_extension=data_options["caption_extension"], buckets=data_options["buckets"],
@@ -67,8 +73,7 @@ def build_run(model, data: str | os.PathLike, method: Method, output: str | os.P
     with pipe.using(pipe.vae):
         cache = LatentCache(folder, pipe.vae, flip=augment.flip, folder=data_options["cache_dir"],
                             model=f"{Path(pipe.path).resolve()}|{pipe.dtype}", seed=config.seed)
-    batches = Batches(folder, cache, config.batch_size, config.seed, augment)
-    return Run(pipe, method, batches, config, output, progress=progress, data_options=data_options)
+    return Batches(folder, cache, config.batch_size, config.seed, augment)
 
 
 # --- the command line -----------------------------------------------------------------------------------------------
@@ -138,14 +143,29 @@ def _lora(**kwargs):
     return lora(**kwargs)
 
 
+def _ti_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", required=True, help="the new word, e.g. \"<sks>\" (name the output file after it)")
+    _flag(p, "init-word", str, "word whose token rows start the vectors (default *)")
+    _flag(p, "vectors", int, "vectors per token (default 1)")
+    _flag(p, "template", str, "caption pattern: {} = the token, [filewords] = the image's caption")
+
+
+def _ti(**kwargs):
+    from .textual_inversion import textual_inversion
+
+    return textual_inversion(**kwargs)
+
+
 METHODS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "lora": ("a kohya-format LoRA (A1111, ComfyUI, diffusers, sdlite)", _lora_args, _lora),
+    "textual-inversion": ("a textual-inversion embedding (.safetensors: kohya/A1111/diffusers; .pt: A1111)",
+                          _ti_args, _ti),
 }
 
 
 def add_train_parser(sub) -> None:
     """Add ``train`` with one sub-command per method to the ``sdlite`` parser's sub-commands."""
-    train = sub.add_parser("train", help="train a LoRA (more methods to come) on a checkpoint")
+    train = sub.add_parser("train", help="train a LoRA, DreamBooth checkpoint, embedding or ControlNet on a checkpoint")
     methods = train.add_subparsers(dest="method", required=True)
     for name, (text, extra, _) in METHODS.items():
         p = methods.add_parser(name, help=text, description=f"Train {text}.")
