@@ -156,8 +156,31 @@ def _ti(**kwargs):
     return textual_inversion(**kwargs)
 
 
+def _dreambooth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instance-prompt", required=True, help="caption of the instance images, e.g. \"a photo of sks dog\"")
+    _flag(p, "class-prompt", str, "prompt of the class images (enables prior preservation)")
+    _flag(p, "class-dir", str, "folder of class images, kept and reused (default: <output>-class next to the output)")
+    _flag(p, "num-class-images", int, "class images to have (default 100; only the missing are generated)")
+    _flag(p, "class-steps", int, "sampling steps per generated class image (default 20)")
+    _flag(p, "prior-loss-weight", float, "λ of loss = instance + λ·prior (default 1.0)")
+    _flag(p, "train-text-encoder", bool, "train the text encoder(s) too")
+    _flag(p, "text-encoder-lr", float, "learning rate of the text encoder(s) (default --lr)")
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32")
+    _flag(p, "lora", bool, "train a kohya LoRA with the DreamBooth loss instead of the whole UNet")
+    _flag(p, "rank", int, "LoRA rank with --lora (default 16)")
+    _flag(p, "alpha", float, "LoRA alpha with --lora (default 8)")
+
+
+def _dreambooth(data, **kwargs):
+    from .dreambooth import dreambooth
+
+    return dreambooth(instance_dir=data, **kwargs)
+
+
 METHODS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "lora": ("a kohya-format LoRA (A1111, ComfyUI, diffusers, sdlite)", _lora_args, _lora),
+    "dreambooth": ("a DreamBooth checkpoint in the original single-file layout (or a LoRA with --lora)",
+                   _dreambooth_args, _dreambooth),
     "textual-inversion": ("a textual-inversion embedding (.safetensors: kohya/A1111/diffusers; .pt: A1111)",
                           _ti_args, _ti),
 }
