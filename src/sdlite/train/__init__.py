@@ -10,11 +10,12 @@ saved; ``sdlite.train.api.build_run`` and ``sdlite.train.loop.Run`` do the rest 
 
 from __future__ import annotations
 
+from .controlnet_train import controlnet
 from .dreambooth import dreambooth
 from .loop import Method, Result, Run, TrainConfig
 from .loss import denoising_loss
 from .lora import LoraMethod, lora
 from .textual_inversion import TextualInversionMethod, textual_inversion
 
-__all__ = ["denoising_loss", "dreambooth", "lora", "LoraMethod", "Method", "Result", "Run", "TrainConfig", "textual_inversion",
+__all__ = ["controlnet", "denoising_loss", "dreambooth", "lora", "LoraMethod", "Method", "Result", "Run", "TrainConfig", "textual_inversion",
            "TextualInversionMethod"]

@@ -177,10 +177,23 @@ def _dreambooth(data, **kwargs):
     return dreambooth(instance_dir=data, **kwargs)
 
 
+def _controlnet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hint-dir", required=True, help="folder of hint images named as the training images")
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32")
+
+
+def _controlnet(**kwargs):
+    from .controlnet_train import controlnet
+
+    return controlnet(**kwargs)
+
+
 METHODS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "lora": ("a kohya-format LoRA (A1111, ComfyUI, diffusers, sdlite)", _lora_args, _lora),
     "dreambooth": ("a DreamBooth checkpoint in the original single-file layout (or a LoRA with --lora)",
                    _dreambooth_args, _dreambooth),
+    "controlnet": ("a ControlNet in the original control_model. layout (A1111's extension, ComfyUI, sdlite)",
+                   _controlnet_args, _controlnet),
     "textual-inversion": ("a textual-inversion embedding (.safetensors: kohya/A1111/diffusers; .pt: A1111)",
                           _ti_args, _ti),
 }
