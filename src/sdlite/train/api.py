@@ -22,6 +22,7 @@ import torch
 
 from .batches import Augment, Batches, LatentCache
 from .data import ImageFolder
+from .distributed import distribute, setup
 from .loop import Method, Run, TrainConfig
 
 # Options of the data pipeline (the rest of the keywords are TrainConfig fields).
@@ -56,9 +57,9 @@ def build_run(model, data: str | os.PathLike, method: Method, output: str | os.P
     """Check the data, cache its latents with the frozen VAE, and set up the run (nothing trains yet)."""
     data_options, train_options = split_options(options)
     config = TrainConfig(**train_options)
-    pipe = load_model(model, device, dtype)
+    pipe = load_model(model, setup(device), dtype)
     batches = build_batches(pipe, data, data_options, config)
-    return Run(pipe, method, batches, config, output, progress=progress, data_options=data_options)
+    return distribute(Run(pipe, method, batches, config, output, progress=progress, data_options=data_options))
 
 
 def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: TrainConfig) -> Batches:

@@ -42,7 +42,7 @@ class Batch:
     crops: list[tuple[int, int]]  # (top, left) of the cut in the scaled image
     target_size: tuple[int, int]  # (height, width) of the bucket
     indices: list[int]
-    shard: tuple[int, int] | None = None  # a rank's rows of a distributed batch: (first row, rows of the whole)
+    shard: tuple[list[int], int] | None = None  # a rank's part of a distributed batch: (its rows, rows of the whole)
 
 
 class LatentCache:

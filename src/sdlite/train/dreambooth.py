@@ -26,6 +26,7 @@ from ..checkpoint.write import save_safetensors
 from .api import build_batches, load_model, split_options
 from .batches import Batch, Batches
 from .data import IMAGE_SUFFIXES
+from .distributed import barrier, distribute, rank_and_world, setup
 from .loop import Method, Result, Run, TrainConfig
 from .lora import SAVE_DTYPES, LoraMethod
 from .report import write_png
@@ -164,7 +165,7 @@ def dreambooth(model, instance_dir: str | os.PathLike, *, output: str | os.PathL
     data_options, train_options = split_options(options | {"prompt": instance_prompt})
     data_options["buckets"] = False  # instance and class examples share each batch, so one size
     config = TrainConfig(**train_options)
-    pipe = load_model(model, device, dtype)
+    pipe = load_model(model, setup(device), dtype)
     resolution = data_options["resolution"] or pipe.native_size
     inner = (LoraMethod(rank, alpha, text_encoder=train_text_encoder, text_encoder_lr=text_encoder_lr,
                         save_precision=save_dtype) if lora
@@ -172,9 +173,12 @@ def dreambooth(model, instance_dir: str | os.PathLike, *, output: str | os.PathL
     batches = build_batches(pipe, instance_dir, data_options, config)
     if class_prompt is not None:
         folder = Path(class_dir) if class_dir is not None else Path(output).with_name(f"{Path(output).stem}-class")
-        class_images(pipe, folder, class_prompt, num_class_images, resolution=resolution, seed=config.seed,
-                     steps=class_steps)
+        if rank_and_world()[0] == 0:  # rank 0 generates, the others then find the images there
+            class_images(pipe, folder, class_prompt, num_class_images, resolution=resolution, seed=config.seed,
+                         steps=class_steps)
+        barrier()
         klass = build_batches(pipe, folder, data_options | {"prompt": class_prompt}, config)
         batches = PairedBatches(batches, klass)
     method = PriorPreservation(inner, prior_loss_weight)
-    return Run(pipe, method, batches, config, output, progress=progress, data_options=data_options).execute()
+    run = Run(pipe, method, batches, config, output, progress=progress, data_options=data_options)
+    return distribute(run).execute()

@@ -137,11 +137,10 @@ class Run:
 
     def draw(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, timesteps, offset noise) of a batch from the run's generator. A rank's shard of a distributed
-        batch (``batch.shard`` = (first row, rows of the whole batch)) takes its rows of the whole batch's draws, so
+        batch (``batch.shard`` = (its rows, rows of the whole batch)) takes its rows of the whole batch's draws, so
         that N processes see the noise one process would."""
         latents = batch.latents
-        start, total = batch.shard or (0, latents.shape[0])
-        rows = slice(start, start + latents.shape[0])
+        rows, total = batch.shard or (slice(None), latents.shape[0])
         noise = torch.randn((total, *latents.shape[1:]), generator=self.generator)[rows]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (total,), generator=self.generator)[rows]
         offset = torch.randn(total, latents.shape[1], 1, 1, generator=self.generator)[rows]
