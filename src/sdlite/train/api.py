@@ -158,7 +158,8 @@ def _ti(**kwargs):
 
 
 def _dreambooth_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instance-prompt", required=True, help="caption of the instance images, e.g. \"a photo of sks dog\"")
+    p.add_argument("--instance-prompt", required=True,
+                   help="caption of the instance images, e.g. \"a photo of sks dog\"")
     _flag(p, "class-prompt", str, "prompt of the class images (enables prior preservation)")
     _flag(p, "class-dir", str, "folder of class images, kept and reused (default: <output>-class next to the output)")
     _flag(p, "num-class-images", int, "class images to have (default 100; only the missing are generated)")
