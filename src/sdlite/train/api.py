@@ -22,7 +22,7 @@ import torch
 
 from .batches import Augment, Batches, LatentCache
 from .data import ImageFolder
-from .distributed import distribute, setup
+from .distributed import distribute, rank_and_world, setup, shutdown
 from .loop import Method, Run, TrainConfig
 
 # Options of the data pipeline (the rest of the keywords are TrainConfig fields).
@@ -218,7 +218,12 @@ def run_train(args: argparse.Namespace) -> int:
     if options.get("max_grad_norm") == 0:
         options["max_grad_norm"] = None
     model, data = options.pop("model"), options.pop("data")
-    result = METHODS[args.method][2](model=model, data=data, progress=TrainProgress(), **options)
-    print(f"{result.output}  ({result.steps} steps, final loss {result.losses[-1]:.4f}; "
-          f"log {result.log_csv.name}, curve {result.loss_png.name})")
+    try:
+        result = METHODS[args.method][2](model=model, data=data, progress=TrainProgress(), **options)
+        rank = rank_and_world()[0]
+    finally:
+        shutdown()
+    if rank == 0:
+        print(f"{result.output}  ({result.steps} steps, final loss {result.losses[-1]:.4f}; "
+              f"log {result.log_csv.name}, curve {result.loss_png.name})")
     return 0

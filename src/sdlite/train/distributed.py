@@ -44,6 +44,12 @@ def setup(device: str | torch.device = "cpu") -> str | torch.device:
     return device
 
 
+def shutdown() -> None:
+    """Leave the process group (the command line's last step under torchrun)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
