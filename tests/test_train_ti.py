@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import sdlite.train
 from sdlite.adapters.embeddings import load_embedding
 from sdlite.conditioning import _token_table
+from sdlite.train.data import DataError
 
 from conftest import rel_err
 from lorafiles import load_model
@@ -110,7 +111,7 @@ def test_a1111_pt_loads(models, trained, tmp_path):
 
 def test_captions_must_name_the_token(models, tmp_path):
     images = write_images(tmp_path / "img", n=1)
-    with pytest.raises(ValueError, match="names the token"):
+    with pytest.raises(DataError, match="no caption names the token"):
         sdlite.train.textual_inversion(models["sd1"].pipe, images, output=tmp_path / "x.safetensors", token=TOKEN,
                                        prompt="a photo", resolution=64, steps=1)
 

@@ -53,22 +53,28 @@ def load_model(model, device: str | torch.device = "cpu", dtype: torch.dtype = t
 
 def build_run(model, data: str | os.PathLike, method: Method, output: str | os.PathLike, *,
               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              progress: Callable[[dict], None] | None = None, **options) -> Run:
-    """Check the data, cache its latents with the frozen VAE, and set up the run (nothing trains yet)."""
+              progress: Callable[[dict], None] | None = None, check: Callable[[ImageFolder], None] | None = None,
+              **options) -> Run:
+    """Check the data (and with ``check``, what the method needs of it), cache its latents with the frozen VAE, and
+    set up the run (nothing trains yet)."""
     data_options, train_options = split_options(options)
     config = TrainConfig(**train_options)
     pipe = load_model(model, setup(device), dtype)
-    batches = build_batches(pipe, data, data_options, config)
+    batches = build_batches(pipe, data, data_options, config, check)
     return distribute(Run(pipe, method, batches, config, output, progress=progress, data_options=data_options))
 
 
-def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: TrainConfig) -> Batches:
-    """The checked image folder ``data``, its latents cached by the frozen VAE, as the run's batches."""
+def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: TrainConfig,
+                  check: Callable[[ImageFolder], None] | None = None) -> Batches:
+    """The checked image folder ``data`` (``check`` sees it before any image is encoded), its latents cached by the
+    frozen VAE, as the run's batches."""
     resolution = data_options["resolution"] or pipe.native_size
     folder = ImageFolder(data, resolution=resolution, prompt=data_options["prompt"],
                          caption_extension=data_options["caption_extension"], buckets=data_options["buckets"],
                          min_bucket=data_options["min_bucket"], max_bucket=data_options["max_bucket"],
                          random_crop=data_options["random_crop"], seed=config.seed)
+    if check is not None:
+        check(folder)
     augment = Augment(caption_dropout=data_options["caption_dropout"], shuffle_tags=data_options["shuffle_tags"],
                       keep_tokens=data_options["keep_tokens"], flip=data_options["flip"])
     with pipe.using(pipe.vae):

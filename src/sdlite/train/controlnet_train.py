@@ -118,6 +118,9 @@ def controlnet(model, data: str | os.PathLike, *, output: str | os.PathLike, hin
         raise ValueError("flip is not available for ControlNet training: the hint would no longer match its image")
     options.setdefault("caption_dropout", 0.5)
     method = ControlNetMethod([], save_dtype)
-    run = build_run(model, data, method, output, device=device, dtype=dtype, progress=progress, **options)
-    method.hints = hint_paths(run.batches.data, hint_dir)
-    return run.execute()
+
+    def pair(folder: ImageFolder) -> None:  # before any image is encoded
+        method.hints = hint_paths(folder, hint_dir)
+
+    return build_run(model, data, method, output, device=device, dtype=dtype, progress=progress, check=pair,
+                     **options).execute()

@@ -29,6 +29,7 @@ from ..clip import get_tokenizer
 from ..conditioning import _token_table
 from .api import build_run
 from .batches import Batch
+from .data import DataError, ImageFolder
 from .loop import Method, Result, Run
 
 A1111_TOKEN = 265  # the "*" id A1111 writes in string_to_token
@@ -69,19 +70,22 @@ class TextualInversionMethod(Method):
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return {part or "emb_params": p for part, p in self.params.items()}
 
-    def captions(self, batch: Batch) -> list[str]:
+    def check(self, folder: ImageFolder) -> None:
+        """Refuse data whose captions never name the token (the vectors would get no gradient)."""
+        captions = self.captions_of([e.caption for e in folder.examples])
+        name = get_tokenizer().encode(self.token)
+        if not any(row[i:i + len(name)] == name for row in get_tokenizer().encode_batch(captions)
+                   for i in range(len(row) - len(name) + 1)):
+            raise DataError(f"{folder.root}: no caption names the token {self.token!r} ({captions[0]!r} …): give "
+                            f"--template \"a photo of {{}}\" or put the token in the captions")
+
+    def captions_of(self, captions: list[str]) -> list[str]:
         if self.template is None:
-            return batch.captions
-        return [self.template.replace("{}", self.token).replace("[filewords]", c) for c in batch.captions]
+            return captions
+        return [self.template.replace("{}", self.token).replace("[filewords]", c) for c in captions]
 
     def loss(self, r: Run, batch: Batch) -> torch.Tensor:
-        captions = self.captions(batch)
-        ids = get_tokenizer().encode(self.token)
-        if not any(self.embeddings.match(row, i) for row in get_tokenizer().encode_batch(captions)
-                   for i in range(len(row) - len(ids) + 1)):
-            raise ValueError(f"no caption of this batch names the token {self.token!r} ({captions[0]!r} …): "
-                             f"give --template \"a photo of {{}}\" or put the token in the captions")
-        return r.denoising_loss(dataclasses.replace(batch, captions=captions))
+        return r.denoising_loss(dataclasses.replace(batch, captions=self.captions_of(batch.captions)))
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().float().cpu().contiguous() for name, p in self.named_parameters().items()}
@@ -122,4 +126,5 @@ def textual_inversion(model, data: str | os.PathLike, *, output: str | os.PathLi
     method = TextualInversionMethod(token, init_word, vectors, template)
     if template is not None and "[filewords]" not in template:
         options.setdefault("prompt", "")  # the template is the whole caption: images need no .txt
-    return build_run(model, data, method, output, device=device, dtype=dtype, progress=progress, **options).execute()
+    return build_run(model, data, method, output, device=device, dtype=dtype, progress=progress, check=method.check,
+                     **options).execute()
