@@ -2,6 +2,7 @@
 
     python -m benchmarks.train_step                    # CPU, fp32, batch 1 at 512x512, rank 16
     python -m benchmarks.train_step --reps 5 --json train_step.json
+    python -m benchmarks.train_step --checkpointing     # both sides with gradient checkpointing (less memory)
 
 A step is what LoRA training repeats: noise the latents to a timestep of the scaled-linear schedule, run the UNet
 with a text context, take the MSE to the noise, backpropagate into the LoRA weights and make an AdamW step. Both
@@ -17,6 +18,7 @@ reported, and the ratio sdlite/diffusers last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,12 +56,13 @@ def initial_down(name: str, shape) -> torch.Tensor:
     return (torch.rand(shape, generator=g) * 2 - 1) / fan_in**0.5
 
 
-def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
-    """sdlite's UNet with LoRA parametrizations; returns (step function, LoRA layers by kohya name)."""
+def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, checkpointing: bool = False):
+    """sdlite's UNet with its training LoRA layers; returns (step function, LoRA layers by kohya name)."""
     from types import SimpleNamespace
 
     import sdlite.train
     from sdlite.train.lora_layers import attach
+    from sdlite.train.optim import checkpointed_blocks
     from sdlite.train.lora_targets import lora_targets
 
     unet = load_sdlite("unet", spec, path, device, dtype).requires_grad_(False)
@@ -75,8 +78,9 @@ def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
     unet.train()
 
     def step() -> float:
-        loss = sdlite.train.denoising_loss(unet, i["latents"], i["context"], i["noise"], i["t"]).mean()
-        loss.backward()
+        with checkpointed_blocks(unet) if checkpointing else contextlib.nullcontext():
+            loss = sdlite.train.denoising_loss(unet, i["latents"], i["context"], i["noise"], i["t"]).mean()
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
@@ -84,7 +88,7 @@ def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
     return step, layers
 
 
-def diffusers_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
+def diffusers_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, checkpointing: bool = False):
     """diffusers' UNet with a PEFT LoRA adapter on the same layers; returns (step function, LoRA modules by name)."""
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
@@ -92,6 +96,8 @@ def diffusers_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
 
     unet = load_diffusers("unet", spec, path, device, dtype)
     unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS, init_lora_weights=True))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     layers = {}
     with torch.no_grad():
         for name, module in unet.named_modules():
@@ -119,9 +125,9 @@ def diffusers_trainer(spec: ModelSpec, path: str, device, dtype, batch: int):
 
 
 def worker(impl: str, spec: ModelSpec, path: str, device: str, dtype_name: str, batch: int, warmup: int,
-           reps: int) -> dict:
+           reps: int, checkpointing: bool = False) -> dict:
     make = sdlite_trainer if impl == "sdlite" else diffusers_trainer
-    step, layers = make(spec, path, device, DTYPES[dtype_name], batch)
+    step, layers = make(spec, path, device, DTYPES[dtype_name], batch, checkpointing)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times, losses = [], []
     for _ in range(warmup + reps):
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent side = size/8)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing of the UNet blocks on both sides (less memory, more time)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=["sdlite", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = dataclasses.replace(MODELS["sd15"], size=args.size)
     if args.worker:
         print(json.dumps(worker(args.worker, spec, args.weights, args.device, args.dtype, args.batch, args.warmup,
-                                args.reps)))
+                                args.reps, args.checkpointing)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         weights = os.path.join(tmp, "sd15_unet.safetensors")
@@ -161,11 +169,13 @@ def main(argv: list[str] | None = None) -> None:
             cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", impl, "--weights", weights,
                    "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size",
                    str(args.size), "--warmup", str(args.warmup), "--reps", str(args.reps)]
+            cmd += ["--checkpointing"] if args.checkpointing else []
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[impl] = json.loads(out.strip().splitlines()[-1])
+            print(f"{impl}: {json.dumps(results[impl])}", file=sys.stderr, flush=True)  # kept if a later one fails
     machine = machine_name(args.device)
     print(f"SD1.5 LoRA training step (rank {RANK}), batch {args.batch}, {args.size}x{args.size}, {args.dtype}, "
-          f"{machine}")
+          f"{'gradient checkpointing, ' if args.checkpointing else ''}{machine}")
     for impl, r in results.items():
         print(f"  {impl:9s} median {r['median_s']:8.2f} s  (min {r['min_s']:.2f}, max {r['max_s']:.2f}, "
               f"{r['reps']} steps after {args.warmup} warm-up)  peak {'GPU memory' if args.device != 'cpu' else 'RSS'}"

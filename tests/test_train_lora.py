@@ -206,10 +206,13 @@ def test_gradient_checkpointing_and_bf16_autocast(models, data, tmp_path):
 def test_training_leaves_the_model_as_it_was(models, data, tmp_path):
     pipe = models["sd1"].pipe
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.unet.out.requires_grad_(True)  # whatever the caller had set is given back
+    flags = [p.requires_grad for p in pipe.unet.parameters()]
     sdlite.train.lora(pipe, data, output=tmp_path / "a.safetensors", rank=2, resolution=64, prompt="p", steps=1)
     after = pipe.unet.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(p.requires_grad for p in pipe.unet.parameters()) and not pipe.unet.training
+    assert [p.requires_grad for p in pipe.unet.parameters()] == flags and not pipe.unet.training
+    pipe.unet.requires_grad_(False)
 
 
 def test_cli_trains_and_reports_bad_data(models, data, tmp_path, capsys):

@@ -15,12 +15,13 @@ from test_benchmarks import TINY
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_both_sides_train_the_same_layers_the_same_way(tmp_path):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_both_sides_train_the_same_layers_the_same_way(tmp_path, checkpointing):
     spec = TINY["tiny-sd1"]
     path = str(tmp_path / "unet.safetensors")
     write_checkpoint(path, spec, components=("unet",), dtype=torch.float32)
-    ours, our_layers = sdlite_trainer(spec, path, "cpu", torch.float32, 1)
-    theirs, their_layers = diffusers_trainer(spec, path, "cpu", torch.float32, 1)
+    ours, our_layers = sdlite_trainer(spec, path, "cpu", torch.float32, 1, checkpointing)
+    theirs, their_layers = diffusers_trainer(spec, path, "cpu", torch.float32, 1, checkpointing)
     assert sorted(our_layers) == sorted(their_layers) and len(our_layers) == 7 * 12  # 7 transformers, 12 layers each
     a = [ours() for _ in range(3)]
     b = [theirs() for _ in range(3)]

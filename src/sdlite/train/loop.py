@@ -167,7 +167,9 @@ class Run:
 
     def execute(self) -> Result:
         pipe = self.pipe
-        for module in (pipe.unet, pipe.vae, *pipe.text_encoders):
+        modules = (pipe.unet, pipe.vae, *pipe.text_encoders)
+        flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
+        for module in modules:
             module.requires_grad_(False)
         # New parameters are initialised from the run's seed (and the caller's global generator is left alone), so
         # that a run is the same whatever ran before it in the process.
@@ -178,6 +180,8 @@ class Run:
             return self._train(groups)
         finally:
             self.method.detach()
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def _train(self, groups: list[dict]) -> Result:
         c, pipe = self.config, self.pipe
