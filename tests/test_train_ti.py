@@ -36,7 +36,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(models, tmp_path_factory):
-    data = write_images(tmp_path_factory.mktemp("data"), n=1)
+    data = write_images(tmp_path_factory.mktemp("ti-images"), n=1)
     out = {}
     for family, model in models.items():
         tables = [_token_table(e).weight.detach().clone() for e in model.pipe.text_encoders]
