@@ -22,6 +22,7 @@ import torch
 
 from .batches import Augment, Batches, LatentCache
 from .data import ImageFolder
+from .distributed import distribute, rank_and_world, setup, shutdown
 from .loop import Method, Run, TrainConfig
 
 # Options of the data pipeline (the rest of the keywords are TrainConfig fields).
@@ -52,23 +53,34 @@ def load_model(model, device: str | torch.device = "cpu", dtype: torch.dtype = t
 
 def build_run(model, data: str | os.PathLike, method: Method, output: str | os.PathLike, *,
               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              progress: Callable[[dict], None] | None = None, **options) -> Run:
-    """Check the data, cache its latents with the frozen VAE, and set up the run (nothing trains yet)."""
+              progress: Callable[[dict], None] | None = None, check: Callable[[ImageFolder], None] | None = None,
+              **options) -> Run:
+    """Check the data (and with ``check``, what the method needs of it), cache its latents with the frozen VAE, and
+    set up the run (nothing trains yet)."""
     data_options, train_options = split_options(options)
     config = TrainConfig(**train_options)
-    pipe = load_model(model, device, dtype)
+    pipe = load_model(model, setup(device), dtype)
+    batches = build_batches(pipe, data, data_options, config, check)
+    return distribute(Run(pipe, method, batches, config, output, progress=progress, data_options=data_options))
+
+
+def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: TrainConfig,
+                  check: Callable[[ImageFolder], None] | None = None) -> Batches:
+    """The checked image folder ``data`` (``check`` sees it before any image is encoded), its latents cached by the
+    frozen VAE, as the run's batches."""
     resolution = data_options["resolution"] or pipe.native_size
     folder = ImageFolder(data, resolution=resolution, prompt=data_options["prompt"],
                          caption_extension=data_options["caption_extension"], buckets=data_options["buckets"],
                          min_bucket=data_options["min_bucket"], max_bucket=data_options["max_bucket"],
                          random_crop=data_options["random_crop"], seed=config.seed)
+    if check is not None:
+        check(folder)
     augment = Augment(caption_dropout=data_options["caption_dropout"], shuffle_tags=data_options["shuffle_tags"],
                       keep_tokens=data_options["keep_tokens"], flip=data_options["flip"])
     with pipe.using(pipe.vae):
         cache = LatentCache(folder, pipe.vae, flip=augment.flip, folder=data_options["cache_dir"],
                             model=f"{Path(pipe.path).resolve()}|{pipe.dtype}", seed=config.seed)
-    batches = Batches(folder, cache, config.batch_size, config.seed, augment)
-    return Run(pipe, method, batches, config, output, progress=progress, data_options=data_options)
+    return Batches(folder, cache, config.batch_size, config.seed, augment)
 
 
 # --- the command line -----------------------------------------------------------------------------------------------
@@ -138,14 +150,66 @@ def _lora(**kwargs):
     return lora(**kwargs)
 
 
+def _ti_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", required=True, help="the new word, e.g. \"<sks>\" (name the output file after it)")
+    _flag(p, "init-word", str, "word whose token rows start the vectors (default *)")
+    _flag(p, "vectors", int, "vectors per token (default 1)")
+    _flag(p, "template", str, "caption pattern: {} = the token, [filewords] = the image's caption")
+
+
+def _ti(**kwargs):
+    from .textual_inversion import textual_inversion
+
+    return textual_inversion(**kwargs)
+
+
+def _dreambooth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--instance-prompt", required=True,
+                   help="caption of the instance images, e.g. \"a photo of sks dog\"")
+    _flag(p, "class-prompt", str, "prompt of the class images (enables prior preservation)")
+    _flag(p, "class-dir", str, "folder of class images, kept and reused (default: <output>-class next to the output)")
+    _flag(p, "num-class-images", int, "class images to have (default 100; only the missing are generated)")
+    _flag(p, "class-steps", int, "sampling steps per generated class image (default 20)")
+    _flag(p, "prior-loss-weight", float, "λ of loss = instance + λ·prior (default 1.0)")
+    _flag(p, "train-text-encoder", bool, "train the text encoder(s) too")
+    _flag(p, "text-encoder-lr", float, "learning rate of the text encoder(s) (default --lr)")
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32")
+    _flag(p, "lora", bool, "train a kohya LoRA with the DreamBooth loss instead of the whole UNet")
+    _flag(p, "rank", int, "LoRA rank with --lora (default 16)")
+    _flag(p, "alpha", float, "LoRA alpha with --lora (default 8)")
+
+
+def _dreambooth(data, **kwargs):
+    from .dreambooth import dreambooth
+
+    return dreambooth(instance_dir=data, **kwargs)
+
+
+def _controlnet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hint-dir", required=True, help="folder of hint images named as the training images")
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default fp32")
+
+
+def _controlnet(**kwargs):
+    from .controlnet_train import controlnet
+
+    return controlnet(**kwargs)
+
+
 METHODS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable]] = {
     "lora": ("a kohya-format LoRA (A1111, ComfyUI, diffusers, sdlite)", _lora_args, _lora),
+    "dreambooth": ("a DreamBooth checkpoint in the original single-file layout (or a LoRA with --lora)",
+                   _dreambooth_args, _dreambooth),
+    "controlnet": ("a ControlNet in the original control_model. layout (A1111's extension, ComfyUI, sdlite)",
+                   _controlnet_args, _controlnet),
+    "textual-inversion": ("a textual-inversion embedding (.safetensors: kohya/A1111/diffusers; .pt: A1111)",
+                          _ti_args, _ti),
 }
 
 
 def add_train_parser(sub) -> None:
     """Add ``train`` with one sub-command per method to the ``sdlite`` parser's sub-commands."""
-    train = sub.add_parser("train", help="train a LoRA (more methods to come) on a checkpoint")
+    train = sub.add_parser("train", help="train a LoRA, DreamBooth checkpoint, embedding or ControlNet on a checkpoint")
     methods = train.add_subparsers(dest="method", required=True)
     for name, (text, extra, _) in METHODS.items():
         p = methods.add_parser(name, help=text, description=f"Train {text}.")
@@ -160,7 +224,12 @@ def run_train(args: argparse.Namespace) -> int:
     if options.get("max_grad_norm") == 0:
         options["max_grad_norm"] = None
     model, data = options.pop("model"), options.pop("data")
-    result = METHODS[args.method][2](model=model, data=data, progress=TrainProgress(), **options)
-    print(f"{result.output}  ({result.steps} steps, final loss {result.losses[-1]:.4f}; "
-          f"log {result.log_csv.name}, curve {result.loss_png.name})")
+    try:
+        result = METHODS[args.method][2](model=model, data=data, progress=TrainProgress(), **options)
+        rank = rank_and_world()[0]
+    finally:
+        shutdown()
+    if rank == 0:
+        print(f"{result.output}  ({result.steps} steps, final loss {result.losses[-1]:.4f}; "
+              f"log {result.log_csv.name}, curve {result.loss_png.name})")
     return 0

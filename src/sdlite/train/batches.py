@@ -42,6 +42,7 @@ class Batch:
     crops: list[tuple[int, int]]  # (top, left) of the cut in the scaled image
     target_size: tuple[int, int]  # (height, width) of the bucket
     indices: list[int]
+    shard: tuple[list[int], int] | None = None  # a rank's part of a distributed batch: (its rows, rows of the whole)
 
 
 class LatentCache:
@@ -150,12 +151,13 @@ class Batches:
                      target_size=(bucket[1], bucket[0]), indices=list(indices))
 
 
-def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1, grad: bool = False) -> Conditioning:
+def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1, grad: bool = False,
+                    embeddings=None) -> Conditioning:
     """Text context [B, 77·k, D] (and pooled [B, P] for SDXL) of training captions; ``grad``: keep the graph, for
-    methods that train the text encoders."""
-    rows = [chunk_prompt(c, emphasis="None") for c in captions]
+    methods that train the text encoders or ``embeddings`` (an EmbeddingSet, found in captions by name)."""
+    rows = [chunk_prompt(c, embeddings=embeddings, emphasis="None") for c in captions]
     with contextlib.nullcontext() if grad else torch.no_grad(), pipe.using(*pipe.text_encoders):
-        return _encode(rows, [1] * len(rows), pipe.text_encoders, pipe.family, clip_skip, None, "None")
+        return _encode(rows, [1] * len(rows), pipe.text_encoders, pipe.family, clip_skip, embeddings, "None")
 
 
 def adm_vector(pipe, pooled: torch.Tensor | None, original_sizes: Sequence[tuple[int, int]],

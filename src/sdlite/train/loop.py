@@ -75,6 +75,7 @@ class Method:
 
     name = "method"
     trains_text = False  # whether gradients must flow through the text encoders
+    embeddings = None  # an EmbeddingSet the captions are encoded with (textual inversion trains its vectors)
 
     def attach(self, pipe) -> list[dict]:
         """Make the method's parameters trainable (float32) on ``pipe``; returns AdamW parameter groups."""
@@ -123,27 +124,38 @@ class Run:
         self.settings = {"method": method.name, "model": Path(pipe.path).name}
         self.log: list[LogRow] = []
         self.step = 0
+        self.writes = True  # False on the ranks of a distributed run other than 0: they write nothing
 
     # --- the default loss -----------------------------------------------------------------------------------------
 
     def condition(self, batch: Batch, captions: list[str] | None = None):
         """(context, y) of a batch's captions (or of ``captions``), with SDXL's size conditioning."""
         cond = encode_captions(self.pipe, captions if captions is not None else batch.captions,
-                               clip_skip=self.config.clip_skip, grad=self.method.trains_text)
+                               clip_skip=self.config.clip_skip, grad=self.method.trains_text,
+                               embeddings=self.method.embeddings)
         return cond.context, adm_vector(self.pipe, cond.pooled, batch.original_sizes, batch.crops, batch.target_size)
 
-    def denoising_loss(self, batch: Batch, **overrides) -> torch.Tensor:
-        """The denoising loss of a batch with noise and timesteps from the run's generator."""
+    def draw(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(noise, timesteps, offset noise) of a batch from the run's generator. A rank's shard of a distributed
+        batch (``batch.shard`` = (its rows, rows of the whole batch)) takes its rows of the whole batch's draws, so
+        that N processes see the noise one process would."""
+        latents = batch.latents
+        rows, total = batch.shard or (slice(None), latents.shape[0])
+        noise = torch.randn((total, *latents.shape[1:]), generator=self.generator)[rows]
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (total,), generator=self.generator)[rows]
+        offset = torch.randn(total, latents.shape[1], 1, 1, generator=self.generator)[rows]
+        return noise.to(self.device), timesteps.to(self.device), offset.to(self.device)
+
+    def denoising_loss(self, batch: Batch, model=None, **overrides) -> torch.Tensor:
+        """The denoising loss of a batch with noise and timesteps from the run's generator; ``model``: what
+        predicts instead of the pipeline's UNet (a ControlNet-guided UNet), with the pipeline's prediction type."""
         latents = batch.latents.to(self.device)
         context, y = self.condition(batch)
-        b = latents.shape[0]
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (b,), generator=self.generator).to(self.device)
-        offset = torch.randn(b, latents.shape[1], 1, 1, generator=self.generator).to(self.device)
+        noise, timesteps, offset = self.draw(batch)
         c = self.config
         kw = dict(min_snr_gamma=c.min_snr_gamma, noise_offset=c.noise_offset, offset_noise=offset,
-                  alphas_cumprod=self.alphas_cumprod) | overrides
-        return denoising_loss(self.pipe, latents, context, noise, timesteps, y, **kw)
+                  alphas_cumprod=self.alphas_cumprod, prediction=self.pipe.prediction) | overrides
+        return denoising_loss(self.pipe if model is None else model, latents, context, noise, timesteps, y, **kw)
 
     # --- the loop -------------------------------------------------------------------------------------------------
 
@@ -197,19 +209,20 @@ class Run:
                     self.progress({"step": self.step, "total": c.steps, "loss": loss,
                                    "done_this_run": self.step - first, "loss_avg": sum(recent) / len(recent),
                                    "elapsed": time.perf_counter() - start})
-                if c.sample_every and c.sample_prompts and self.step % c.sample_every == 0:
+                if self.writes and c.sample_every and c.sample_prompts and self.step % c.sample_every == 0:
                     with ema.swapped() if ema is not None else contextlib.nullcontext():
                         samples += write_samples(self, self.step)
-                if c.state_dir and c.save_state_every and self.step % c.save_state_every == 0:
+                if self.writes and c.state_dir and c.save_state_every and self.step % c.save_state_every == 0:
                     self._save_state(params, optimizer, scheduler, scaler, ema)
         pipe.unet.eval()
-        if c.state_dir:
-            self._save_state(params, optimizer, scheduler, scaler, ema)
-        with ema.swapped() if ema is not None else contextlib.nullcontext():
-            self.method.save(self, self.output)
         csv_path, png_path = self.output.with_suffix(".loss.csv"), self.output.with_suffix(".loss.png")
-        write_csv(csv_path, self.log)
-        draw_loss_curve(png_path, self.log)
+        if self.writes:
+            if c.state_dir:
+                self._save_state(params, optimizer, scheduler, scaler, ema)
+            with ema.swapped() if ema is not None else contextlib.nullcontext():
+                self.method.save(self, self.output)
+            write_csv(csv_path, self.log)
+            draw_loss_curve(png_path, self.log)
         return Result(self.output, [r.loss for r in self.log], self.step, csv_path, png_path, samples)
 
     def _optimizer_step(self, optimizer, scheduler, scaler, params: dict[str, nn.Parameter]) -> float:
