@@ -16,27 +16,15 @@ import time
 
 from PIL import Image, PngImagePlugin
 
+from .progress import ProgressLine
 from .tools import commands as tools
 
 
-class ProgressBar:
-    """One line on stderr: step, it/s and ETA, redrawn at each sampler step."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream, self.width = stream, width
+class ProgressBar(ProgressLine):
+    """The sampler callback's line: step, it/s and ETA, redrawn at each sampler step (and the tools' progress)."""
 
     def __call__(self, info: dict) -> None:
-        done, total = info["i"] + 1, info["total"]
-        elapsed = max(info["elapsed"], 1e-9)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        filled = int(self.width * done / total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        stream = self.stream or sys.stderr
-        stream.write(f"\r[{bar}] {done}/{total} {rate:5.2f} it/s ETA {eta:5.1f}s")
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
+        self.draw(info["i"] + 1, info["total"], info["elapsed"])
 
 
 # Infotext keys → Job options, for --from-png.

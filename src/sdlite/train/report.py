@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,26 +14,15 @@ import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
 from ..checkpoint.write import atomic_path
+from ..progress import ProgressLine
 
 
-class TrainProgress:
-    """One line on stderr, redrawn at each optimiser step: bar, step, loss (running mean), it/s and ETA."""
-
-    def __init__(self, stream=None, width: int = 30):
-        self.stream, self.width = stream, width
+class TrainProgress(ProgressLine):
+    """The training run's line, redrawn at each optimiser step: bar, step, loss (running mean), it/s and ETA."""
 
     def __call__(self, info: dict) -> None:
-        done, total = info["step"], info["total"]
-        elapsed = max(info["elapsed"], 1e-9)
-        rate = info["done_this_run"] / elapsed
-        eta = (total - done) / rate if rate > 0 else 0.0
-        filled = int(self.width * done / total)
-        bar = "#" * filled + "-" * (self.width - filled)
-        stream = self.stream or sys.stderr
-        stream.write(f"\r[{bar}] {done}/{total} loss {info['loss_avg']:.4f} {rate:5.2f} it/s ETA {eta:6.1f}s")
-        if done >= total:
-            stream.write("\n")
-        stream.flush()
+        self.draw(info["step"], info["total"], info["elapsed"], counted=info["done_this_run"],
+                  extra=f"loss {info['loss_avg']:.4f} ")
 
 
 @dataclass
