@@ -349,3 +349,17 @@ def test_from_png_reads_the_prompt_options(tmp_path):
     assert "use_old_scheduling" not in options_from_png(path)[1]
     save_png(Image.new("RGB", (8, 8)), "a\nSteps: 4, Seed: 1, Old prompt editing timelines: True", path)
     assert options_from_png(path)[1]["use_old_scheduling"] is True
+
+
+def test_align_your_steps_uses_the_models_family_table(sdxl_pair):
+    """A1111 picks the SDXL table of Align Your Steps for SDXL models (sd_schedulers.py); not SD 1.5's."""
+    from sdlite.schedulers import get_sigmas
+
+    base = sdxl_pair[0]
+    seen = []
+    base.txt2img("a castle", width=64, height=64, steps=4, sampler="Euler", scheduler="Align Your Steps", seed=1,
+                 callback=lambda info: seen.append(float(info["sigma"])))
+    expected = get_sigmas("Align Your Steps", 4, family="sdxl")
+    other = get_sigmas("Align Your Steps", 4, family="sd1")
+    assert not torch.allclose(expected, other)
+    assert seen == pytest.approx(expected[:4].tolist(), rel=1e-5)

@@ -111,8 +111,9 @@ class Generation:
         schedule, which is how A1111 accounts for denoising strength."""
         job, pipe = self.job, self.pipe
         table = self.sampler.make_denoiser(None, pipe.prediction)  # the σ table the schedule is read from
+        # The model's family picks the Align Your Steps table, as A1111 does (SDXL's or SD 1.5's).
         sp = get_sampler_and_sigmas(job.sampler, job.scheduler, total_steps, run_steps, table, seeds=self.seeds,
-                                    txt2img=x_init is None, **job.sampler_options)
+                                    txt2img=x_init is None, **{"family": pipe.family, **job.sampler_options})
         step = StepState(sp.grid, sp.steps, sp.model_calls)
         control = self._control(noise)
         model = self._guided(pipe, step, cond_at, image_cond=image_cond, control=control, mask=mask, x_init=x_init)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from .adapters.embeddings import ti_hashes
+from .checkpoint.family_table import FAMILIES
 from .conditioning import encode_schedule
 from .guidance import Cond, pad_parts
 from .prompt import extract_networks, schedules, split_and
@@ -67,16 +68,16 @@ class Prompts:
     # --- conditioning ---------------------------------------------------------------------------------------------
 
     def _adm(self, pooled: torch.Tensor, width: int, height: int, negative: bool, family: str) -> torch.Tensor | None:
-        if family not in ("sdxl", "sdxl-refiner"):
+        """SDXL's ``y``: the pooled text vector, then the family's size/crop (and aesthetic score) numbers, each
+        embedded as a timestep (``family_table``)."""
+        fields = FAMILIES[family]
+        if not fields.adm_fields:
             return None
         job = self.job
-        ow, oh = job.original_size or (width, height)
-        left, top = job.crop
-        if family == "sdxl":
-            extra = [oh, ow, top, left, height, width]
-        else:
-            extra = [oh, ow, top, left, job.negative_aesthetic_score if negative else job.aesthetic_score]
-        return torch.cat([pooled, size_embedding(extra, pooled.shape[0]).to(pooled)], dim=1)
+        values = fields.adm_values(original_size=job.original_size or (width, height), crop=job.crop,
+                                   target_size=(width, height),
+                                   aesthetic_score=job.negative_aesthetic_score if negative else job.aesthetic_score)
+        return torch.cat([pooled, size_embedding(values, pooled.shape[0]).to(pooled)], dim=1)
 
     def _cond(self, c, width: int, height: int, negative: bool, family: str) -> Cond:
         b = self.job.batch_size
