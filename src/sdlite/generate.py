@@ -61,8 +61,9 @@ class Generation:
         self.sampler = get_sampler(job.sampler)
         self.prompts = Prompts(job)
         self.loras = self.prompts.loras(pipe.lora_dirs)
+        self.hypernetworks = self.prompts.hypernetworks(pipe.hypernetwork_dirs)
         self.lora_hashes: str | None = None
-        self._ip_hook = None  # built on first use: the image tokens of the job's IP-Adapter units
+        self._patch_hook = None  # built on first use: IP-Adapter tokens and hypernetworks (attention patches)
         if job.refiner is not None and not (pipe.family.startswith("sdxl") and job.refiner.family.startswith("sdxl")):
             raise ValueError(f"a refiner hands over latents, so both models must be SDXL-family; got {pipe.family} "
                              f"and {job.refiner.family}")
@@ -141,23 +142,35 @@ class Generation:
                 x_init=None) -> GuidedDenoiser:
         """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass."""
         # Image prompts are the base model's: their projections fit its UNet, not a refiner's.
-        patches = self._image_prompts() if pipe is self.pipe else None
+        patches = self._attention_patches() if pipe is self.pipe else None
         unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches)
         denoiser = self.sampler.make_denoiser(unet_call, pipe.prediction)
         return GuidedDenoiser(denoiser, cond_at, self.job.cfg_scale, step, mask=mask, init_latent=x_init,
                               batch=self.job.cfg_batch)
 
-    def _image_prompts(self):
-        """The IP-Adapter hook of ``UNetCall``, its image tokens computed once per generation (every pass shares
-        them)."""
+    def _attention_patches(self):
+        """The attention patches of ``UNetCall``: the IP-Adapter units (their image tokens computed once per
+        generation, every pass sharing them) and the prompt's hypernetworks."""
         units = self.job.ip_adapters
-        if not units:
+        if not units and not self.hypernetworks:
             return None
-        if self._ip_hook is None:
+        if self._patch_hook is None:
+            from .adapters import hypernetwork
             from .adapters.ip_adapter import patch_hook
 
-            self._ip_hook = patch_hook(units, self.pipe.unet)
-        return self._ip_hook
+            images = patch_hook(units, self.pipe.unet) if units else (lambda rows, step: None)
+            hyper = None
+            if self.hypernetworks:
+                hyper = hypernetwork.HypernetworkPatch(
+                    hypernetwork.load(path, multiplier, device=self.device, dtype=self.dtype)
+                    for _, path, multiplier in self.hypernetworks)
+
+            def patches(rows, step):
+                found = (images(rows, step) or []) + ([hyper] if hyper is not None else [])
+                return found or None
+
+            self._patch_hook = patches
+        return self._patch_hook
 
     def _control(self, noise: ImageNoise):
         """The ControlNet hook of ``UNetCall``: hints prepared once for this pass's size; units gated by the sampling
@@ -312,6 +325,11 @@ class Generation:
             params["Refiner switch at"] = float(job.refiner_switch_at)
             params["Refiner switch by sampling steps"] = True if job.refiner_switch_by_steps else None
         params["Lora hashes"] = self.lora_hashes
+        if self.hypernetworks:  # A1111's Hypernet / Hypernet strength (the strength only when it is not 1)
+            params["Hypernet"] = ", ".join(name for name, _, _ in self.hypernetworks)
+            strengths = [m for _, _, m in self.hypernetworks]
+            params["Hypernet strength"] = None if all(m == 1 for m in strengths) else \
+                ", ".join(format(m, "g") for m in strengths)
         params.update(self.prompts.infotext_params())
         params["Version"] = f"sdlite {__import__('sdlite').__version__}"
         return create_infotext(job.prompt, job.negative_prompt, params)

@@ -44,6 +44,7 @@ class StableDiffusion:
         self.set_aside, self.unknown = set_aside or [], unknown or []
         self.embeddings: EmbeddingSet | None = None
         self.lora_dirs: list[str | os.PathLike] = []  # where <lora:name:…> prompt tags are looked up
+        self.hypernetwork_dirs: list[str | os.PathLike] = []  # where <hypernet:name:…> tags find name.pt
         self.annotator_dirs: list[str | os.PathLike] = []  # where ControlUnit preprocessors find their weights
         self.upscaler_dirs: list[str | os.PathLike] = []  # where Hires(upscaler="R-ESRGAN 4x+") finds its file
         self._loras: list[LoraHandle] = []

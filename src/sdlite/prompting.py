@@ -21,12 +21,13 @@ from .unet.blocks import timestep_embedding
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 
 
-def find_lora(folders, name: str) -> str | None:
-    """The file called ``name`` (+ a LoRA suffix) in ``folders`` or their subfolders, first match in sorted order."""
+def find_lora(folders, name: str, suffixes=LORA_SUFFIXES) -> str | None:
+    """The file called ``name`` (+ one of ``suffixes``) in ``folders`` or their subfolders, first match in sorted
+    order."""
     for folder in folders:
         for root, dirs, files in sorted(os.walk(folder)):
             dirs.sort()
-            for suffix in LORA_SUFFIXES:
+            for suffix in suffixes:
                 if name + suffix in files:
                     return os.path.join(root, name + suffix)
     return None
@@ -55,14 +56,34 @@ class Prompts:
         ``lora_dirs``; a name that is not found is an error, not a silent no-op."""
         found = []
         for tag in self.networks:
-            if tag.kind not in ("lora", "lyco"):
-                raise ValueError(f"<{tag.kind}:{tag.name}> extra networks are not supported (only lora)")
+            if tag.kind not in ("lora", "lyco", "hypernet"):
+                raise ValueError(f"<{tag.kind}:{tag.name}> extra networks are not supported (lora, hypernet)")
+            if tag.kind == "hypernet":
+                continue
             te, unet, _ = tag.lora_weights()
             path = find_lora(lora_dirs, tag.name)
             if path is None:
                 raise ValueError(f"<lora:{tag.name}>: no {tag.name}.safetensors/.pt/.ckpt/.bin in pipe.lora_dirs "
                                  f"{list(map(str, lora_dirs))}")
             found.append((tag.name, path, te, unet))
+        return found
+
+    def hypernetworks(self, folders) -> list[tuple[str, str, float]]:
+        """``<hypernet:name:multiplier>`` tags (multiplier default 1) as (name, file, multiplier), files
+        (``name.pt``) found in ``folders``; a name that is not found is an error."""
+        found = []
+        for tag in self.networks:
+            if tag.kind != "hypernet":
+                continue
+            try:
+                multiplier = float(tag.args[0]) if tag.args else 1.0
+            except ValueError:
+                raise ValueError(f"<hypernet:{tag.name}:…> has a multiplier that is not a number: {tag.args}") from None
+            path = find_lora(folders, tag.name, (".pt",))
+            if path is None:
+                raise ValueError(f"<hypernet:{tag.name}>: no {tag.name}.pt in pipe.hypernetwork_dirs "
+                                 f"{list(map(str, folders))}")
+            found.append((tag.name, path, multiplier))
         return found
 
     # --- conditioning ---------------------------------------------------------------------------------------------

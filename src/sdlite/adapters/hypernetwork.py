@@ -22,6 +22,7 @@ from torch import nn
 
 from ..checkpoint.files import PickleFile, open_tensor_file
 from ..errors import CheckpointError
+from ..unet.attention import AttentionPatch, AttentionSite
 
 _NAMED = {"linear": nn.Identity, "relu": nn.ReLU, "leakyrelu": nn.LeakyReLU, "elu": nn.ELU, "swish": nn.Hardswish,
           "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
@@ -84,6 +85,17 @@ def apply_hypernetworks(hypernetworks, context_k: torch.Tensor, context_v: torch
         if pair is not None:
             context_k, context_v = pair[0](context_k), pair[1](context_v)
     return context_k, context_v
+
+
+class HypernetworkPatch(AttentionPatch):
+    """Hypernetworks on the attention extension point: the k and v inputs of every attention layer (self-attention
+    included) through each hypernetwork in turn."""
+
+    def __init__(self, hypernetworks):
+        self.hypernetworks = list(hypernetworks)
+
+    def kv_inputs(self, site: AttentionSite, k_in: torch.Tensor, v_in: torch.Tensor):
+        return apply_hypernetworks(self.hypernetworks, k_in, v_in)
 
 
 def _module_shapes(state: dict, path, where: str) -> dict[int, tuple[int, ...]]:
