@@ -91,3 +91,67 @@ def test_bad_files_and_hints_are_refused(tmp_path):
         adapter(torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="multiple of 8"):
         adapter(torch.zeros(1, 3, 60, 64))
+
+
+# --- in the UNet: features added where diffusers adds down_intrablock_additional_residuals ------------------------
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import sdlite  # noqa: E402
+from sdlite.unet import UNetConfig, UNetModel  # noqa: E402
+
+from conftest import randomize_  # noqa: E402
+from refpipe import write_model  # noqa: E402
+from test_unet import SD1, SDXL, adm_inputs, build_pair, inputs  # noqa: E402
+
+
+@pytest.mark.parametrize("spec,kind,channels,unshuffle,size", [
+    ("SD1", "full_adapter", [32, 64, 128, 128], 8, 128),
+    ("SDXL", "full_adapter_xl", [64, 128, 128, 128], 16, 256),
+])
+@torch.no_grad()
+def test_unet_with_adapter_features_matches_diffusers(spec, kind, channels, unshuffle, size):
+    ours, ref, config = build_pair(globals()[spec])
+    adapter = reference(kind, 3, channels, 2, unshuffle, seed=2)
+    features = adapter(torch.rand(1, 3, size, size))
+    x, t, context, g = inputs(config, h=size // 8, w=size // 8)
+    kw, extra = {}, None
+    if config.adm_in_channels:
+        kw["y"], extra = adm_inputs(config, 2, g)
+    expected = ref(x, t, encoder_hidden_states=context, added_cond_kwargs=extra,
+                   down_intrablock_additional_residuals=[f.expand(2, -1, -1, -1).clone() * 0.7 for f in features]).sample
+    places = t2i_adapter.feature_blocks(t2i_adapter.block_shapes(ours, size // 8, size // 8), features)
+    got = ours(x, t, context, features={places[i]: f.expand(2, -1, -1, -1) * 0.7 for i, f in enumerate(features)},
+               **kw)
+    assert rel(got, expected) < 1e-4
+    assert rel(ours(x, t, context, **kw), expected) > 1e-3
+
+
+@torch.no_grad()
+def test_txt2img_with_a_unit_adds_diffusers_features_at_the_documented_blocks(tmp_path):
+    """A T2IAdapterUnit in txt2img equals the same generation with diffusers' adapter features added by hand after
+    SD1's input blocks 2, 5, 8 and 11 (docs/formats.md §15.3), on every row, times the weight."""
+    path, _ = write_model(tmp_path, "sd1", seed=71)
+    pipe = sdlite.load(path)
+    pipe.unet = randomize_(UNetModel(UNetConfig(**dict(SD1, context_dim=128))), 3).eval()  # four levels, as SD1.x
+    ref = reference("full_adapter", 3, [32, 64, 128, 128], 2, 8, seed=4)
+    adapter = t2i_adapter.load(save_safetensors(tmp_path / "t2i.safetensors", ref.state_dict()))
+    hint = Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy())
+    opts = dict(width=64, height=64, steps=3, cfg_scale=5.0, sampler="Euler", seed=5)
+    got = pipe.txt2img("a lighthouse", "fog", t2i_adapters=[sdlite.T2IAdapterUnit(adapter, hint, weight=0.7)], **opts)
+
+    features = ref(torch.from_numpy(np.asarray(hint, dtype=np.float32) / 255).permute(2, 0, 1)[None])
+    forward = pipe.unet.forward
+
+    def by_hand(x, t, context=None, y=None, control=None, patches=None):
+        added = {2: features[0], 5: features[1], 8: features[2], 11: features[3]}
+        return forward(x, t, context, y=y, control=control, patches=patches,
+                       features={k: v.expand(x.shape[0], -1, -1, -1) * 0.7 for k, v in added.items()})
+
+    pipe.unet.forward = by_hand
+    expected = pipe.txt2img("a lighthouse", "fog", **opts)
+    pipe.unet.forward = forward
+    plain = pipe.txt2img("a lighthouse", "fog", **opts)
+    assert rel(got.latents, expected.latents) < 1e-5
+    assert rel(plain.latents, expected.latents) > 1e-3

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .errors import CheckpointError, SdliteError, ShapeMismatchError, UnsafePickleError
 from .adapters.controlnet import ControlUnit
 from .adapters.ip_adapter import IPAdapterUnit
+from .adapters.t2i_adapter import T2IAdapterUnit
 from .conditioning import Conditioning
 from .generate import Hires, Result
 from .infotext import read_infotext
@@ -17,5 +18,5 @@ from .pipeline import StableDiffusion, load
 __version__ = "0.1.0"
 version = __version__
 
-__all__ = ["load", "read_infotext", "StableDiffusion", "Conditioning", "ControlUnit", "IPAdapterUnit", "Hires", "Result",
+__all__ = ["load", "read_infotext", "StableDiffusion", "Conditioning", "ControlUnit", "IPAdapterUnit", "T2IAdapterUnit", "Hires", "Result",
            "SdliteError", "CheckpointError", "ShapeMismatchError", "UnsafePickleError", "version", "__version__"]

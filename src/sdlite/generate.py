@@ -117,7 +117,8 @@ class Generation:
                                     txt2img=x_init is None, **{"family": pipe.family, **job.sampler_options})
         step = StepState(sp.grid, sp.steps, sp.model_calls)
         control = self._control(noise)
-        model = self._guided(pipe, step, cond_at, image_cond=image_cond, control=control, mask=mask, x_init=x_init)
+        model = self._guided(pipe, step, cond_at, image_cond=image_cond, control=control, mask=mask, x_init=x_init,
+                             features=self._adapter_features(noise))
         first, sigma = noise.first(), sp.sigmas[0].to(self.device)
         x = first * sigma if x_init is None else x_init + first * sigma
         # The UNet and its ControlNets are on the device for the sampling loop alone (offload); the refiner's prompts
@@ -139,11 +140,12 @@ class Generation:
         return samples
 
     def _guided(self, pipe, step: StepState, cond_at, *, image_cond=None, control=None, mask=None,
-                x_init=None) -> GuidedDenoiser:
+                x_init=None, features=None) -> GuidedDenoiser:
         """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass."""
         # Image prompts are the base model's: their projections fit its UNet, not a refiner's.
         patches = self._attention_patches() if pipe is self.pipe else None
-        unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches)
+        unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches,
+                             features=features)
         denoiser = self.sampler.make_denoiser(unet_call, pipe.prediction)
         return GuidedDenoiser(denoiser, cond_at, self.job.cfg_scale, step, mask=mask, init_latent=x_init,
                               batch=self.job.cfg_batch)
@@ -171,6 +173,16 @@ class Generation:
 
             self._patch_hook = patches
         return self._patch_hook
+
+    def _adapter_features(self, noise: ImageNoise):
+        """The T2I-Adapter hook of ``UNetCall``: each unit's features computed once for this pass's size."""
+        if not self.job.t2i_adapters:
+            return None
+        from .adapters.t2i_adapter import feature_hook
+
+        f = self.pipe.vae.config.downsample_factor
+        return feature_hook(self.job.t2i_adapters, self.pipe.unet, noise.shape[2] * f, noise.shape[1] * f, f,
+                            self.device, self.dtype)
 
     def _control(self, noise: ImageNoise):
         """The ControlNet hook of ``UNetCall``: hints prepared once for this pass's size; units gated by the sampling

@@ -82,6 +82,7 @@ class Job:
     negative_aesthetic_score: float = 2.5
     controlnets: list = field(default_factory=list)
     ip_adapters: list = field(default_factory=list)  # sdlite.IPAdapterUnit: image prompts on the base model's UNet
+    t2i_adapters: list = field(default_factory=list)  # sdlite.T2IAdapterUnit: features added to the UNet encoder
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
     refiner_switch_by_steps: bool = False  # A1111's option: the share of model calls done, not the call's timestep

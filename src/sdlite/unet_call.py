@@ -6,6 +6,7 @@ the pass's :class:`~sdlite.guidance.StepState`:
 
 - ``image_cond`` [B, 5, h, w]: an inpainting UNet's mask and masked-image latent, concatenated to its input;
 - ``control(x, t, context, y, cond_rows, step)`` → ControlNet residuals or None (``UNetModel.forward(control=)``);
+- ``features(rows, step)`` → T2I-Adapter features by input block or None (``UNetModel.forward(features=)``);
 - ``patches(cond_rows, step)`` → the attention patches of this evaluation or None (``UNetModel.forward(patches=)``,
   the cross-attention extension point: IP-Adapter tokens, regional masks, …), built per call because they depend
   on the step (start/end ranges) and on which rows are conditional.
@@ -33,12 +34,13 @@ class UNetCall(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, step: StepState | None = None, *, image_cond: torch.Tensor | None = None,
-                 control: ControlHook | None = None, patches: PatchHook | None = None):
+                 control: ControlHook | None = None, patches: PatchHook | None = None,
+                 features: Callable[[int, StepState], Any] | None = None):
         super().__init__()
-        if (control is not None or patches is not None) and step is None:
-            raise ValueError("control and patch hooks read the pass's step: give UNetCall its StepState")
+        if (control is not None or patches is not None or features is not None) and step is None:
+            raise ValueError("control, patch and feature hooks read the pass's step: give UNetCall its StepState")
         self.unet, self.step, self.image_cond = unet, step, image_cond
-        self.control, self.patches = control, patches
+        self.control, self.patches, self.features = control, patches, features
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                 cond_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,6 +50,10 @@ class UNetCall(nn.Module):
             patches = self.patches(cond_rows, self.step)
             if patches is not None:
                 extra["patches"] = patches
+        if self.features is not None:
+            features = self.features(x.shape[0], self.step)
+            if features:
+                extra["features"] = features
         if self.image_cond is not None:
             reps = x.shape[0] // self.image_cond.shape[0]
             x = torch.cat([x, self.image_cond.repeat(reps, 1, 1, 1).to(x)], dim=1)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from ..checkpoint.files import open_tensor_file
@@ -228,3 +230,69 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
         build = _build(view.shapes, tf.path)
         p = plan(view, build, "", name="T2I-Adapter")
         return materialize(view, p, dtype, device)
+
+
+# --- at generation time ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class T2IAdapterUnit:
+    """One T2I-Adapter: ``pipe.txt2img(..., t2i_adapters=[T2IAdapterUnit(adapter, image, weight=1.0)])``. ``image``
+    is the ready control map (PIL; resized to the generation size); the features, times ``weight``, are added on
+    every row of the batch while ``start <= progress <= end``."""
+
+    adapter: T2IAdapter
+    image: Image.Image
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
+
+    def active(self, progress: float) -> bool:
+        return self.weight != 0 and self.start <= progress <= self.end
+
+
+def block_shapes(unet: nn.Module, height: int, width: int) -> list[tuple[int, int, int]]:
+    """(channels, h, w) of each input block's output and then the middle block's, for a latent of that size."""
+    from ..unet.blocks import Downsample, ResBlock
+
+    shapes, channels, h, w = [], 0, height, width
+    for block in unet.input_blocks:
+        for layer in block:
+            if isinstance(layer, ResBlock):
+                channels = layer.out_layers[-1].out_channels
+            elif isinstance(layer, Downsample):  # a stride-2 padded convolution: sizes round up
+                channels, h, w = layer.op.out_channels, (h + 1) // 2, (w + 1) // 2
+            elif isinstance(layer, nn.Conv2d):
+                channels = layer.out_channels
+        shapes.append((channels, h, w))
+    return shapes + [shapes[-1]]
+
+
+def feature_hook(units, unet: nn.Module, width: int, height: int, factor: int, device, dtype):
+    """The ``features(rows, step)`` hook of a sampling pass: each unit's features computed once (they depend on the
+    control image only), placed on their UNet blocks, summed over the active units."""
+    from ..images import resize_image, to_tensor
+
+    prepared = []
+    for unit in units:
+        hint = to_tensor(resize_image("just resize", unit.image.convert("RGB" if unit.adapter.hint_channels == 3
+                                                                         else "L"), width, height))[None]
+        param = next(unit.adapter.parameters())
+        with torch.no_grad():
+            features = unit.adapter(hint.to(param.device, param.dtype))
+        places = feature_blocks(block_shapes(unet, height // factor, width // factor), features)
+        prepared.append((unit, {places[i]: f.to(device, dtype) * unit.weight for i, f in enumerate(features)}))
+
+    def hook(rows: int, step) -> dict[int, torch.Tensor] | None:
+        total: dict[int, torch.Tensor] = {}
+        for unit, placed in prepared:
+            if unit.active(step.progress):
+                for block, f in placed.items():
+                    total[block] = total[block] + f if block in total else f
+        return {block: f.expand(rows, -1, -1, -1) for block, f in total.items()} or None
+
+    return hook

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -107,13 +107,16 @@ class UNetModel(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | float, context: torch.Tensor | None = None,
                 y: torch.Tensor | None = None, control: Sequence[torch.Tensor] | None = None,
-                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
+                patches: Sequence[AttentionPatch] | None = None,
+                features: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """Predict from latents ``x`` [B, C, H, W] at ``timesteps`` (scalar or [B], may be fractional).
 
         ``context`` [B, T, context_dim] is the text conditioning, ``y`` [B, adm_in_channels] SDXL's vector
         conditioning, and ``control`` ControlNet residuals in input-block order followed by the middle-block one:
         the last is added to the middle block's output, the others to the skip connections they match.
-        ``patches`` are attention patches (``sdlite.unet.attention``), given to every attention layer.
+        ``patches`` are attention patches (``sdlite.unet.attention``), given to every attention layer. ``features``
+        (T2I-Adapters) are added to the hidden state, and so to the skip connection, after the input block of their
+        key; the key ``len(input_blocks)`` means after the middle block.
         """
         emb = embed_timesteps(self, self.config, timesteps, x.shape[0], x.device, y)
         controls = list(control) if control is not None else []
@@ -127,10 +130,15 @@ class UNetModel(nn.Module):
 
         h = x.to(dtype)
         skips = []
-        for block in self.input_blocks:
+        features = features or {}
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context, patches=patches)
+            if i in features:
+                h = h + features[i].to(dtype)
             skips.append(h)
         h = self.middle_block(h, emb, context, patches=patches)
+        if len(self.input_blocks) in features:
+            h = h + features[len(self.input_blocks)].to(dtype)
         if controls:
             h = h + controls.pop()
         for block in self.output_blocks:
