@@ -14,8 +14,8 @@ from sdlite.adapters.annotators.draw import draw_bodypose
 from sdlite.adapters.annotators.openpose import BodyPoseNet
 from sdlite.errors import CheckpointError
 
-pytest.importorskip("cv2")
-aux_pose = pytest.importorskip("controlnet_aux.open_pose")
+import cv2  # noqa: E402,F401  (controlnet_aux needs it; a missing reference fails, never skips)
+import controlnet_aux.open_pose as aux_pose  # noqa: E402
 from controlnet_aux.open_pose import util as aux_util  # noqa: E402
 from controlnet_aux.open_pose.body import Body, Keypoint  # noqa: E402
 from controlnet_aux.open_pose.model import bodypose_model  # noqa: E402

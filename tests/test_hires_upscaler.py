@@ -21,18 +21,9 @@ from conftest import rel_err
 from sdfiles import build as build_checkpoint
 from sdfiles import open_clip_tokens
 
-spandrel = pytest.importorskip("spandrel")
+import spandrel  # noqa: E402  (the reference: a missing one fails, never skips)
 
-
-class LDMModel(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
-        self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
-
-    def apply_model(self, x, t, cond):
-        return self.unet(x, t, cond)
+from test_generate import LDMModel  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..checkpoint import identify, open_tensor_file
 from ..checkpoint.family_table import heads_for_context
-from ..checkpoint.files import TensorFile
+from ..checkpoint.files import RenamedFile, TensorFile
 from ..checkpoint.materialize import materialize, plan
 from ..checkpoint.shapes import ShapeReader
 from ..conv import Conv2d
@@ -159,18 +159,6 @@ def create_from_unet(unet: UNetModel, hint_channels: int = 3) -> ControlNet:
 
 # --- files ------------------------------------------------------------------------------------------------------
 
-class _Renamed(TensorFile):
-    """A tensor file seen under other key names; reads go to the file's own keys."""
-
-    def __init__(self, tf: TensorFile, sources: dict[str, str]):
-        super().__init__(tf.path, {k: tf.shapes[s] for k, s in sources.items()},
-                         {k: tf.dtypes[s] for k, s in sources.items()}, tf.metadata, tf.extras)
-        self._tf, self._sources = tf, sources
-
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self._tf.read(self._sources[key], dtype, device)
-
-
 def _layout(tf: TensorFile) -> tuple[TensorFile, str]:
     """The file as original-layout keys, and the prefix they sit under; or a CheckpointError saying what it is."""
     keys = tf.keys()
@@ -189,7 +177,7 @@ def _layout(tf: TensorFile) -> tuple[TensorFile, str]:
         sources = from_diffusers(keys)
         if len(sources) != len(tf):
             raise CheckpointError(tf.path, "diffusers-layout ControlNet whose keys map onto the same original keys twice")
-        return _Renamed(tf, sources), ""
+        return RenamedFile(tf, sources), ""
     try:
         found = identify(tf)
     except CheckpointError as e:

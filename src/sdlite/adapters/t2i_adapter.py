@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..checkpoint.files import open_tensor_file
+from ..checkpoint.files import RenamedFile, open_tensor_file
 from ..checkpoint.materialize import materialize, plan
 from ..errors import CheckpointError
 
@@ -199,20 +199,6 @@ def _build(shapes: dict[str, tuple[int, ...]], path):
         ResnetBlock(a, b, ksize=c, down=d) for a, b, c, d in specs), nn.Conv2d(conv_in[1], conv_in[0], 3, 1, 1))
 
 
-class _Renamed:
-    """A tensor file seen under original key names."""
-
-    def __init__(self, tf, sources: dict[str, str]):
-        self.tf, self.path, self.sources = tf, tf.path, sources
-        self.shapes = {new: tf.shapes[old] for new, old in sources.items()}
-
-    def keys(self):
-        return self.sources.keys()
-
-    def read(self, key, dtype=None, device="cpu"):
-        return self.tf.read(self.sources[key], dtype, device)
-
-
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> T2IAdapter:
     """Read a T2I-Adapter in TencentARC's original layout or diffusers', the architecture inferred from keys."""
     with open_tensor_file(path) as tf:
@@ -224,9 +210,9 @@ def load(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: tor
                 sources = {new: old for old, new in _from_diffusers(keys, light, per_level).items()}
             except CheckpointError as e:
                 raise CheckpointError(tf.path, e.detail) from None
-            view = _Renamed(tf, sources)
+            view = RenamedFile(tf, sources)
         else:
-            view = _Renamed(tf, {k: k for k in keys})
+            view = tf
         build = _build(view.shapes, tf.path)
         p = plan(view, build, "", name="T2I-Adapter")
         return materialize(view, p, dtype, device)

@@ -196,6 +196,19 @@ class PickleFile(TensorFile):
         self._tensors.clear()
 
 
+class RenamedFile(TensorFile):
+    """A tensor file seen under other key names (``sources``: new key → the file's key); reads go to the file's own
+    keys. Loaders of a second layout (diffusers' ControlNet or T2I-Adapter names) plan against the original names."""
+
+    def __init__(self, tf: TensorFile, sources: dict[str, str]):
+        super().__init__(tf.path, {k: tf.shapes[s] for k, s in sources.items()},
+                         {k: tf.dtypes[s] for k, s in sources.items()}, tf.metadata, tf.extras)
+        self._tf, self._sources = tf, sources
+
+    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._tf.read(self._sources[key], dtype, device)
+
+
 def open_tensor_file(path: str | os.PathLike) -> TensorFile:
     """Open a ``.safetensors`` file or a torch pickle; the format is recognised by its first bytes, not its name."""
     path = Path(path)
