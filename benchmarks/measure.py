@@ -4,17 +4,19 @@ each measurement runs in (so that the process' peak RSS belongs to one implement
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.models import DTYPES, MODELS, ModelSpec
+from benchmarks.models import DTYPES, MODELS, ModelSpec, write_checkpoint
 from benchmarks.txt2img import PROMPT, STEPS, WARMUP_STEPS, load_pipeline, txt2img_call
 
 IMPLS = ("diffusers", "sdlite")
@@ -198,3 +200,19 @@ def run_measurement(impl: str, measurement: str, model_name: str, path: str, dev
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sd15_unet_in_fresh_processes(module: str, flags: list[str]) -> dict[str, dict]:
+    """Run ``python -m module --worker IMPL --weights W *flags`` for diffusers then sdlite, each in a fresh process,
+    on one SD1.5-shaped random UNet file written to a temporary folder; each worker prints its result as the last
+    line of JSON. Every result is echoed to stderr as it arrives, so a later failure keeps the earlier one."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "sd15_unet.safetensors")
+        write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
+        for impl in ("diffusers", "sdlite"):
+            cmd = [sys.executable, "-m", module, "--worker", impl, "--weights", weights, *flags]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            results[impl] = json.loads(out.strip().splitlines()[-1])
+            print(f"{impl}: {json.dumps(results[impl])}", file=sys.stderr, flush=True)
+    return results

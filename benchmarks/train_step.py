@@ -21,19 +21,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import zlib
 
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.measure import peak_rss
-from benchmarks.models import DTYPES, MODELS, ModelSpec, write_checkpoint
+from benchmarks.measure import peak_rss, sd15_unet_in_fresh_processes
+from benchmarks.models import DTYPES, MODELS, ModelSpec
 from benchmarks.suite import machine_name
 
 RANK, ALPHA = 16, 8.0
@@ -161,18 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(worker(args.worker, spec, args.weights, args.device, args.dtype, args.batch, args.warmup,
                                 args.reps, args.checkpointing)))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "sd15_unet.safetensors")
-        write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
-        results = {}
-        for impl in ("diffusers", "sdlite"):
-            cmd = [sys.executable, "-m", "benchmarks.train_step", "--worker", impl, "--weights", weights,
-                   "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size",
-                   str(args.size), "--warmup", str(args.warmup), "--reps", str(args.reps)]
-            cmd += ["--checkpointing"] if args.checkpointing else []
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[impl] = json.loads(out.strip().splitlines()[-1])
-            print(f"{impl}: {json.dumps(results[impl])}", file=sys.stderr, flush=True)  # kept if a later one fails
+    flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
+             "--warmup", str(args.warmup), "--reps", str(args.reps)]
+    results = sd15_unet_in_fresh_processes("benchmarks.train_step",
+                                           flags + (["--checkpointing"] if args.checkpointing else []))
     machine = machine_name(args.device)
     print(f"SD1.5 LoRA training step (rank {RANK}), batch {args.batch}, {args.size}x{args.size}, {args.dtype}, "
           f"{'gradient checkpointing, ' if args.checkpointing else ''}{machine}")

@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.measure import make_call, time_calls
-from benchmarks.models import DTYPES, MODELS, write_checkpoint
+from benchmarks.measure import make_call, sd15_unet_in_fresh_processes, time_calls
+from benchmarks.models import DTYPES, MODELS
 from benchmarks.suite import machine_name
 
 
@@ -61,16 +57,9 @@ def main(argv: list[str] | None = None) -> None:
                                 args.warmup, args.reps)))
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "sd15_unet.safetensors")
-        write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
-        results = {}
-        for impl in ("diffusers", "sdlite"):
-            cmd = [sys.executable, "-m", "benchmarks.unet_step", "--worker", impl, "--weights", weights,
-                   "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size",
-                   str(args.size), "--warmup", str(args.warmup), "--reps", str(args.reps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[impl] = json.loads(out.strip().splitlines()[-1])
+    results = sd15_unet_in_fresh_processes("benchmarks.unet_step", [
+        "--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
+        "--warmup", str(args.warmup), "--reps", str(args.reps)])
     machine = machine_name(args.device)
     print(f"SD1.5 UNet step, batch {args.batch}, {args.size}x{args.size}, {args.dtype}, {machine}")
     for impl, r in results.items():

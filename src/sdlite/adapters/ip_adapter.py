@@ -152,9 +152,13 @@ class IPAdapter(nn.Module):
                  TokenMLP: lambda: proj.proj[0], Resampler: lambda: proj.proj_in}[type(proj)]()
         return first.in_features
 
+    @property
+    def image_proj_dtype(self) -> torch.dtype:
+        return next(self.image_proj.parameters()).dtype
+
     def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """Image features (what ``self.input`` names) [B, …] → context tokens [B, T, context_dim]."""
-        return self.image_proj(features.to(self.ip_adapter[next(iter(self.ip_adapter))].to_k_ip.weight.dtype))
+        return self.image_proj(features.to(self.image_proj_dtype))
 
     def layer_projections(self, attention_keys: list[str]) -> dict[str, KVProjection]:
         """This file's k/v projections by the UNet attention key they belong to. ``attention_keys``: every attention
@@ -323,7 +327,7 @@ def patch_hook(units: Sequence[IPAdapterUnit], unet: nn.Module):
     prepared = []
     for unit in units:
         projections = unit.adapter.layer_projections(order)
-        weight = unit.adapter.ip_adapter[next(iter(unit.adapter.ip_adapter))].to_k_ip.weight
+        weight = next(unit.adapter.parameters())
         pos, neg = (t.to(weight.device, weight.dtype) for t in unit.tokens())
         prepared.append((unit, projections, pos, neg))
 
