@@ -339,15 +339,16 @@ def test_ti_hashes_accumulate_as_a1111_writes_them(sd1, sdxl_pair, tmp_path):
 
 
 def test_from_png_reads_the_prompt_options(tmp_path):
-    from sdlite.cli import options_from_png, save_png
+    from sdlite.cli import options_from_png
+    from sdlite.images import write_png
 
     path = str(tmp_path / "a.png")
-    save_png(Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Emphasis: No norm, Version: v1.5.1", path)
+    write_png(path, Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Emphasis: No norm, Version: v1.5.1")
     prompt, options = options_from_png(path)
     assert options["emphasis"] == "No norm" and options["use_old_scheduling"]  # A1111 < 1.6: old timelines
-    save_png(Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Version: v1.6.0", path)
+    write_png(path, Image.new("RGB", (8, 8)), "a [b:c:1]\nSteps: 4, Seed: 1, Version: v1.6.0")
     assert "use_old_scheduling" not in options_from_png(path)[1]
-    save_png(Image.new("RGB", (8, 8)), "a\nSteps: 4, Seed: 1, Old prompt editing timelines: True", path)
+    write_png(path, Image.new("RGB", (8, 8)), "a\nSteps: 4, Seed: 1, Old prompt editing timelines: True")
     assert options_from_png(path)[1]["use_old_scheduling"] is True
 
 
@@ -363,3 +364,15 @@ def test_align_your_steps_uses_the_models_family_table(sdxl_pair):
     other = get_sigmas("Align Your Steps", 4, family="sd1")
     assert not torch.allclose(expected, other)
     assert seen == pytest.approx(expected[:4].tolist(), rel=1e-5)
+
+
+def test_cli_refuses_to_write_over_its_input_before_any_work(tmp_path, capsys):
+    """img2img -o onto the input image: an error naming it, before the model is even opened; the input unchanged."""
+    from sdlite.cli import main
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (16, 16), (10, 20, 30)).save(photo)
+    before = photo.read_bytes()
+    assert main(["img2img", str(tmp_path / "no-such-model.safetensors"), str(photo), "a cat", "-o", str(photo)]) == 2
+    assert "input" in capsys.readouterr().err
+    assert photo.read_bytes() == before

@@ -14,8 +14,10 @@ import re
 import sys
 import time
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
+from .checkpoint.write import check_output
+from .images import write_png
 from .progress import ProgressLine
 from .tools import commands as tools
 
@@ -68,12 +70,6 @@ def options_from_png(path: str) -> tuple[str, dict]:
     if options.get("rng") not in (None, "CPU", "GPU", "NV"):
         del options["rng"]
     return params.get("Prompt", ""), options
-
-
-def save_png(image: Image.Image, infotext: str, path: str) -> None:
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", infotext)
-    image.save(path, pnginfo=meta)
 
 
 def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> None:
@@ -144,6 +140,9 @@ def run_generation(args: argparse.Namespace) -> int:
     import sdlite
 
     prompt, options = _options(args)
+    # The output is checked before any work: its folder exists and it is none of the inputs.
+    inputs = [p for p in (getattr(args, "image", None), getattr(args, "mask", None), args.from_png) if p]
+    check_output(args.output, inputs)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = sdlite.load(args.model, device=args.device, dtype=dtype, prediction=args.prediction)
     pipe.upscaler_dirs = list(args.upscaler_dir)
@@ -159,7 +158,7 @@ def run_generation(args: argparse.Namespace) -> int:
         result = pipe.inpaint(Image.open(args.image), Image.open(args.mask), prompt, negative, **options)
     for i, (image, info) in enumerate(zip(result.images, result.infotexts)):
         path = args.output if len(result.images) == 1 else args.output.replace(".png", f"-{i + 1}.png")
-        save_png(image, info, path)
+        write_png(path, image, info, inputs)
         print(f"{path}  seed {result.seeds[i]}")
     print(f"done in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     return 0

@@ -5,9 +5,14 @@ the "fill" of masked content, and the overlay that puts the original pixels back
 from __future__ import annotations
 
 
+import os
+from typing import Iterable
+
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin
+
+from .checkpoint.write import atomic_path
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 
@@ -185,3 +190,14 @@ def outpaint_canvas(image: Image.Image, left: int = 0, right: int = 0, up: int =
     mask = Image.new("L", canvas.size, 255)
     mask.paste(0, (left, up, left + image.width, up + image.height))
     return canvas, mask
+
+
+def write_png(path: str | os.PathLike, image: Image.Image, infotext: str,
+              inputs: Iterable[str | os.PathLike] = ()) -> str | os.PathLike:
+    """A PNG with its infotext in the "parameters" text chunk (where A1111 writes it), written to a temporary name and
+    renamed when complete; a path among ``inputs`` is refused."""
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", infotext)
+    with atomic_path(path, inputs) as tmp:
+        image.save(tmp, format="PNG", pnginfo=meta)
+    return path

@@ -29,7 +29,7 @@ from .data import IMAGE_SUFFIXES
 from .distributed import barrier, distribute, rank_and_world, setup
 from .loop import Method, Result, Run, TrainConfig
 from .lora import SAVE_DTYPES, LoraMethod
-from .report import write_png
+from ..images import write_png
 
 
 @dataclass

@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw
 
 from ..checkpoint.write import atomic_path
+from ..images import write_png
 from ..progress import ProgressLine
 
 
@@ -98,15 +99,6 @@ def draw_loss_curve(path: Path, rows: list[LogRow], size: tuple[int, int] = (800
     draw.text(((left + right) // 2 - 15, size[1] - 18), "step", fill="black")
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-
-
-def write_png(path: Path, image, infotext: str) -> Path:
-    """A PNG with its infotext in the "parameters" text chunk (where A1111 writes it), written atomically."""
-    meta = PngImagePlugin.PngInfo()
-    meta.add_text("parameters", infotext)
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=meta)
-    return path
 
 
 def write_samples(run, step: int) -> list[Path]:
