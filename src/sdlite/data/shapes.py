@@ -203,8 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(ALL_SHAPES)}")
     d = sub.add_parser("describe", help="print what the detector reads in images")
     d.add_argument("images", nargs="+")
+    t = sub.add_parser("train", help="train the built-in model from scratch (resumable; see sdlite.data.pretrain)")
+    t.add_argument("--out", required=True, help="the model file to write (.safetensors)")
+    t.add_argument("--state", help="the resumable state folder (default: OUT.state)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-minutes", type=float, default=90.0, help="stop (state saved) after this long")
     args = parser.parse_args(argv)
     try:
+        if args.command == "train":
+            from .pretrain import Recipe, pretrain
+            done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes)
+            return 0 if done else 3
         if args.command == "write":
             paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","))
             print(f"wrote {len(paths)} images with captions to {args.folder}")

@@ -1,0 +1,335 @@
+"""Training the built-in "shapes" model from scratch: ``python -m sdlite.data.shapes train --out shapes.safetensors``.
+
+The recipe (``Recipe`` below, seeded; its settings are written into the model's metadata) has three phases, each
+with its resumable state in a folder (``--state``, ``<out>.state`` by default):
+
+1. ``vae``: the autoencoder (recipe.VAE) on random crops of the data set's images (the VAE is convolutional and a crop
+   of flat shapes looks like a small picture of flat shapes, at a quarter of the cost), then a few steps on whole
+   images so the middle attention sees a whole latent; loss L1 + MSE + a small KL, as latent diffusion's first stage
+   trains without its GAN and perceptual terms (flat colours need neither). Then ``recipe.fit_latent_scale`` makes
+   SD 1.x's fixed latent factor give unit-variance latents.
+2. ``latents``: every training image encoded once (posterior mean and standard deviation, saved with the state).
+3. ``unet``: the UNet and the text encoder together with ``sdlite.train.denoising_loss`` (ε, SD's scaled-linear
+   schedule, min-SNR-γ weighting), captions framed exactly as generation frames prompts (``encode_captions``), 10%
+   of captions dropped for classifier-free guidance, AdamW with warm-up and a cosine tail, an EMA of the weights
+   (the EMA is what ships). Every ``eval_every`` steps the EMA model draws held-out prompts and the detector scores
+   them (``<out>.state/eval.csv``: the time-vs-quality curve).
+
+A run stops by itself after ``--max-minutes`` (90 by default), saving its state; the same command continues it.
+Everything goes through the ordinary paths: the model is built by ``recipe.build``, saved by ``recipe.save`` and
+read back by ``sdlite.load`` before the diffusion phase, so the trained modules are the loaded pipeline's own.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checkpoint.files import open_tensor_file
+from ..checkpoint.write import atomic_path, save_safetensors
+from ..train.batches import encode_captions
+from ..train.loop import load_state, save_state
+from ..train.loss import denoising_loss
+from ..train.optim import EMA, lr_factor
+from ..train.report import LogRow, draw_loss_curve, write_csv
+from . import recipe
+from .shapes import HELD_OUT, dataset, describe
+
+
+@dataclass(frozen=True)
+class Recipe:
+    seed: int = 0
+    images: int = 20_000  # training images, drawn once from the "train" split
+    vae_steps: int = 1200  # on crops
+    vae_full_steps: int = 100  # then on whole images
+    vae_batch: int = 64
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6  # per latent value, against L1 + MSE per pixel value
+    unet_steps: int = 5600
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    text_lr: float = 3e-4
+    warmup: int = 300
+    min_snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.999
+    eval_every: int = 800
+    save_every: int = 250
+
+
+class Stop(Exception):
+    """The run's time is up; its state is saved."""
+
+
+class Clock:
+    def __init__(self, max_minutes: float):
+        self.start, self.limit = time.monotonic(), max_minutes * 60
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def up(self) -> bool:
+        return self.elapsed > self.limit
+
+
+def training_images(r: Recipe) -> tuple[torch.Tensor, list[str]]:
+    """The training set as uint8 [N, 3, 64, 64] and its captions."""
+    data = dataset(r.images, seed=r.seed, split="train")
+    images = np.empty((r.images, recipe.RESOLUTION, recipe.RESOLUTION, 3), dtype=np.uint8)
+    captions = []
+    for i in range(r.images):
+        image, caption, _ = data[i]
+        images[i] = np.asarray(image)
+        captions.append(caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    return images.float() / 127.5 - 1.0
+
+
+def _settings(r: Recipe, phase: str) -> dict:
+    return {"method": f"pretrain-{phase}", "model": "shapes", "shape": json.dumps(asdict(r), sort_keys=True)}
+
+
+def _schedule_lr(optimizer, bases: list[float], step: int, total: int, warmup: int) -> None:
+    """Linear warm-up, constant, then a cosine over the last 20% down to 10% of the base rate."""
+    tail = int(total * 0.8)
+    if step < warmup:
+        f = lr_factor("constant", step, total, warmup)
+    elif step < tail:
+        f = 1.0
+    else:
+        f = 0.1 + 0.9 * lr_factor("cosine", step - tail, total - tail)
+    for group, base in zip(optimizer.param_groups, bases):
+        group["lr"] = base * f
+
+
+def _resume(folder: Path, settings: dict, params: dict, optimizer, generator, ema: EMA | None = None):
+    """(step, log) from a saved phase state, restoring the weights, optimiser, generator (and EMA) in place."""
+    if not (folder / "state.json").exists():
+        return 0, []
+    state = load_state(folder, settings)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["tensors"][name])
+    if ema is not None:
+        ema.shadow = {n: state["tensors"][f"ema.{n}"].float() for n in params}
+        ema.updates = state["step"]
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"]["generator"])
+    return state["step"], state["log"]
+
+
+def _save(folder: Path, settings: dict, step: int, params: dict, optimizer, generator, log, ema=None) -> None:
+    tensors = {n: p.detach() for n, p in params.items()}
+    if ema is not None:
+        tensors |= {f"ema.{n}": t for n, t in ema.shadow.items()}
+    save_state(folder, step=step, tensors=tensors, optimizer=optimizer, generator=generator, scaler_state={},
+               log=log, settings=settings)
+
+
+# --- phase 1: the autoencoder ----------------------------------------------------------------------------------------
+
+def _crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    if size >= x.shape[-1]:
+        return x
+    offsets = torch.randint(0, x.shape[-1] - size + 1, (x.shape[0], 2), generator=generator).tolist()
+    return torch.stack([img[:, t:t + size, l:l + size] for img, (t, l) in zip(x, offsets)])
+
+
+def vae_loss(vae, x: torch.Tensor, kl_weight: float, generator: torch.Generator) -> tuple[torch.Tensor, float]:
+    posterior = vae.encode(x)
+    rec = vae.decode(posterior.sample(generator))
+    l1 = (rec - x).abs().mean()
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.logvar.exp() - 1 - posterior.logvar).sum() / x.numel()
+    return l1 + (rec - x).pow(2).mean() + kl_weight * kl * x[0].numel() / posterior.mean[0].numel(), l1.item()
+
+
+def train_vae(vae, images: torch.Tensor, r: Recipe, folder: Path, clock: Clock, say) -> list[LogRow]:
+    settings = _settings(r, "vae")
+    params = dict(vae.named_parameters())
+    optimizer = torch.optim.AdamW(params.values(), lr=r.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(r.seed + 1)
+    step, log = _resume(folder, settings, params, optimizer, generator)
+    total = r.vae_steps + r.vae_full_steps
+    while step < total:
+        _schedule_lr(optimizer, [r.vae_lr], step, total, 100)
+        whole = step >= r.vae_steps
+        batch = images[torch.randint(0, len(images), (r.vae_batch // 4 if whole else r.vae_batch,),
+                                     generator=generator)]
+        x = _pixels(batch) if whole else _crops(_pixels(batch), r.vae_crop, generator)
+        loss, l1 = vae_loss(vae, x, r.kl_weight, generator)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        log.append(LogRow(step, l1, optimizer.param_groups[0]["lr"], clock.elapsed))
+        if step % 50 == 0:
+            say(f"vae step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  {clock.elapsed / 60:.1f} min")
+        if step % r.save_every == 0 or step == total or clock.up():
+            _save(folder, settings, step, params, optimizer, generator, log)
+            if clock.up() and step < total:
+                raise Stop
+    return log
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(images), batch):
+        posterior = vae.encode(_pixels(images[i:i + batch]))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+# --- phase 3: text encoder + UNet -------------------------------------------------------------------------------------
+
+def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
+    """One prompt per held-out (colour, shape, background) combination, in a fixed order."""
+    return [(f"a {c} {s} on a {b} background", (c, s, b)) for c, s, b in sorted(HELD_OUT)]
+
+
+@torch.no_grad()
+def score(pipe, seeds: tuple[int, ...] = (1, 2)) -> dict[str, float]:
+    """Background and object (colour + shape) accuracy on the held-out prompts: Euler a, 20 steps, CFG 5."""
+    bg = obj = n = 0
+    for prompt, (colour, shape, background) in held_out_prompts():
+        result = pipe.txt2img(prompt, steps=20, cfg_scale=5, sampler="Euler a", seed=seeds[0],
+                              batch_size=len(seeds))
+        for image in result.images:
+            d = describe(image)
+            n += 1
+            bg += d.background == background
+            obj += any(f.obj.colour == colour and f.obj.shape == shape for f in d.found)
+    return {"background": bg / n, "object": obj / n}
+
+
+def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], r: Recipe, folder: Path,
+               clock: Clock, say) -> list[LogRow]:
+    settings = _settings(r, "unet")
+    unet, text = pipe.unet, pipe.text_encoders[0]
+    unet.requires_grad_(True).train()
+    text.requires_grad_(True).train()
+    params = {f"unet.{n}": p for n, p in unet.named_parameters()} | {f"text.{n}": p for n, p in text.named_parameters()}
+    groups = [{"params": list(unet.parameters()), "lr": r.unet_lr}, {"params": list(text.parameters()), "lr": r.text_lr}]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.01)
+    ema = EMA(params.items(), r.ema_decay)
+    generator = torch.Generator().manual_seed(r.seed + 2)
+    step, log = _resume(folder, settings, params, optimizer, generator, ema)
+    mean, std = latents
+    scale = pipe.vae.scale_factor
+    evals = folder.parent / "eval.csv"
+    while step < r.unet_steps:
+        _schedule_lr(optimizer, [r.unet_lr, r.text_lr], step, r.unet_steps, r.warmup)
+        idx = torch.randint(0, len(mean), (r.unet_batch,), generator=generator)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scale
+        drop = (torch.rand(r.unet_batch, generator=generator) < r.caption_dropout).tolist()
+        context = encode_captions(pipe, ["" if d else captions[i] for d, i in zip(drop, idx.tolist())],
+                                  grad=True).context
+        noise = torch.randn(z.shape, generator=generator)
+        t = torch.randint(0, 1000, (r.unet_batch,), generator=generator)
+        loss = denoising_loss(pipe, z, context, noise, t, min_snr_gamma=r.min_snr_gamma).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update()
+        step += 1
+        log.append(LogRow(step, loss.item(), optimizer.param_groups[0]["lr"], clock.elapsed))
+        if step % 50 == 0:
+            say(f"unet step {step}/{r.unet_steps}  loss {np.mean([row.loss for row in log[-50:]]):.4f}  "
+                f"{clock.elapsed / 60:.1f} min")
+        if r.eval_every and step % r.eval_every == 0:
+            with ema.swapped():
+                s = score(pipe)
+            unet.requires_grad_(True)  # the pipeline may set inference flags
+            text.requires_grad_(True)
+            say(f"eval at step {step}: background {s['background']:.0%}, object {s['object']:.0%}")
+            _append_eval(evals, step, clock.elapsed, s)
+        if step % r.save_every == 0 or step == r.unet_steps or clock.up():
+            _save(folder, settings, step, params, optimizer, generator, log, ema)
+            if clock.up() and step < r.unet_steps:
+                raise Stop
+    with torch.no_grad():  # the EMA weights are the result
+        for name, p in params.items():
+            p.copy_(ema.shadow[name])
+    return log
+
+
+def _append_eval(path: Path, step: int, elapsed: float, s: dict[str, float]) -> None:
+    rows = list(csv.reader(path.open())) if path.exists() else [["step", "run_elapsed_s", "background", "object"]]
+    rows.append([str(step), f"{elapsed:.0f}", f"{s['background']:.3f}", f"{s['object']:.3f}"])
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+# --- the whole recipe -------------------------------------------------------------------------------------------------
+
+def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Recipe(), max_minutes: float = 90.0,
+             say=print) -> Path | None:
+    """Run (or continue) the recipe; returns the model's path when it is complete, None when the run stopped at
+    ``max_minutes`` with its state saved (run it again to continue)."""
+    from ..pipeline import load  # the pipeline imports sdlite.data for the built-in model
+
+    out = Path(out)
+    folder = Path(state) if state is not None else out.with_name(out.name + ".state")
+    folder.mkdir(parents=True, exist_ok=True)
+    clock = Clock(max_minutes)
+    torch.manual_seed(r.seed)
+    say(f"drawing {r.images} training images (seed {r.seed})")
+    images, captions = training_images(r)
+    init = folder / "init.safetensors"
+    latents_file = folder / "latents.safetensors"
+    try:
+        if not latents_file.exists():
+            unet, vae, text = recipe.build(r.seed)
+            vae_log = train_vae(vae, images, r, folder / "vae", clock, say)
+            k = recipe.fit_latent_scale(vae, _pixels(images[:1024]), seed=r.seed)
+            say(f"latent scale fitted (k = {k:.4f}); encoding {len(images)} images")
+            mean, std = encode_latents(vae, images)
+            recipe.save(init, unet, vae, text, dtype=torch.float32)
+            save_safetensors(latents_file, {"mean": mean, "std": std},
+                             {"vae_l1": f"{np.mean([row.loss for row in vae_log[-100:]]):.5f}"})
+            write_csv(folder / "vae_loss.csv", vae_log)
+            draw_loss_curve(folder / "vae_loss.png", vae_log)
+        with open_tensor_file(latents_file) as tf:
+            latents = (tf.read("mean"), tf.read("std"))
+        pipe = load(init)
+        log = train_unet(pipe, latents, captions, r, folder / "unet", clock, say)
+    except Stop:
+        say(f"stopped after {clock.elapsed / 60:.1f} min with the state saved in {folder}; "
+            f"run the same command again to continue")
+        return None
+    write_csv(out.with_suffix(".csv"), log)
+    draw_loss_curve(out.with_suffix(".png"), log)
+    tail = np.mean([row.loss for row in log[-200:]])
+    meta = {"sdlite.recipe": json.dumps(asdict(r), sort_keys=True),
+            "sdlite.command": f"python -m sdlite.data.shapes train --out {out.name} --seed {r.seed}",
+            "sdlite.final_loss": f"{tail:.5f}",
+            "sdlite.train_hours": f"{sum(_phase_seconds(folder)) / 3600:.2f}"}
+    recipe.save(out, pipe.unet, pipe.vae, pipe.text_encoders[0], metadata=meta)
+    say(f"wrote {out} (final loss {tail:.4f})")
+    return out
+
+
+def _phase_seconds(folder: Path) -> list[float]:
+    """Training seconds of each phase, summed over runs (each run's log restarts its clock)."""
+    seconds = []
+    for phase in ("vae", "unet"):
+        path = folder / phase / "state.json"
+        if path.exists():
+            rows = json.loads(path.read_text())["log"]
+            seconds.append(sum(b["elapsed"] - a["elapsed"] for a, b in zip(rows, rows[1:])
+                               if b["elapsed"] >= a["elapsed"]))
+    return seconds
