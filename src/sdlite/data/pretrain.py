@@ -62,6 +62,10 @@ class Recipe:
     ema_decay: float = 0.999
     eval_every: int = 800
     save_every: int = 250
+    decoder_steps: int = 3000  # phase 4: the decoder again, on the cached latents (the encoder stays as it was)
+    decoder_full_steps: int = 200
+    decoder_batch: int = 64
+    decoder_lr: float = 5e-4
 
 
 class Stop(Exception):
@@ -97,7 +101,10 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 def _settings(r: Recipe, phase: str) -> dict:
-    return {"method": f"pretrain-{phase}", "model": "shapes", "shape": json.dumps(asdict(r), sort_keys=True)}
+    """What a phase's saved state must agree with: the recipe up to that phase (the decoder's settings do not
+    concern the phases before it)."""
+    fields = {k: v for k, v in asdict(r).items() if phase == "decoder" or not k.startswith("decoder_")}
+    return {"method": f"pretrain-{phase}", "model": "shapes", "shape": json.dumps(fields, sort_keys=True)}
 
 
 def _schedule_lr(optimizer, bases: list[float], step: int, total: int, warmup: int) -> None:
@@ -176,6 +183,51 @@ def train_vae(vae, images: torch.Tensor, r: Recipe, folder: Path, clock: Clock, 
         log.append(LogRow(step, l1, optimizer.param_groups[0]["lr"], clock.elapsed))
         if step % 50 == 0:
             say(f"vae step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  {clock.elapsed / 60:.1f} min")
+        if step % r.save_every == 0 or step == total or clock.up():
+            _save(folder, settings, step, params, optimizer, generator, log)
+            if clock.up() and step < total:
+                raise Stop
+    return log
+
+
+def train_decoder(vae, latents: tuple[torch.Tensor, torch.Tensor], images: torch.Tensor, r: Recipe, folder: Path,
+                  clock: Clock, say) -> list[LogRow]:
+    """Phase 4: ``post_quant_conv`` + decoder on samples of the cached posteriors (crops of 4x4 latents and their
+    32x32 pixels, then whole images). The encoder, and so the latents the UNet learnt, do not change; the phase
+    depends on the first two only, so it can run beside phase 3 in another process (``phase="decoder"``)."""
+    settings = _settings(r, "decoder")
+    vae.post_quant_conv.requires_grad_(True)
+    vae.decoder.requires_grad_(True).train()
+    params = {f"post_quant_conv.{n}": p for n, p in vae.post_quant_conv.named_parameters()}
+    params |= {f"decoder.{n}": p for n, p in vae.decoder.named_parameters()}
+    optimizer = torch.optim.AdamW(params.values(), lr=r.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(r.seed + 3)
+    step, log = _resume(folder, settings, params, optimizer, generator)
+    mean, std = latents
+    f = recipe.RESOLUTION // mean.shape[-1]
+    total = r.decoder_steps + r.decoder_full_steps
+    while step < total:
+        _schedule_lr(optimizer, [r.decoder_lr], step, total, 100)
+        whole = step >= r.decoder_steps
+        idx = torch.randint(0, len(mean), (r.decoder_batch // 4 if whole else r.decoder_batch,), generator=generator)
+        z = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)
+        x = _pixels(images[idx])
+        if not whole:
+            side = r.vae_crop // f
+            offsets = torch.randint(0, mean.shape[-1] - side + 1, (len(idx), 2), generator=generator).tolist()
+            z = torch.stack([zi[:, t:t + side, l:l + side] for zi, (t, l) in zip(z, offsets)])
+            x = torch.stack([xi[:, f * t:f * (t + side), f * l:f * (l + side)] for xi, (t, l) in zip(x, offsets)])
+        rec = vae.decode(z)
+        l1 = (rec - x).abs().mean()
+        (l1 + (rec - x).pow(2).mean()).backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        log.append(LogRow(step, l1.item(), optimizer.param_groups[0]["lr"], clock.elapsed))
+        if step % 50 == 0:
+            say(f"decoder step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  "
+                f"{clock.elapsed / 60:.1f} min")
         if step % r.save_every == 0 or step == total or clock.up():
             _save(folder, settings, step, params, optimizer, generator, log)
             if clock.up() and step < total:
@@ -277,9 +329,11 @@ def _append_eval(path: Path, step: int, elapsed: float, s: dict[str, float]) -> 
 # --- the whole recipe -------------------------------------------------------------------------------------------------
 
 def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Recipe(), max_minutes: float = 90.0,
-             say=print) -> Path | None:
+             phase: str | None = None, say=print) -> Path | None:
     """Run (or continue) the recipe; returns the model's path when it is complete, None when the run stopped at
-    ``max_minutes`` with its state saved (run it again to continue)."""
+    ``max_minutes`` with its state saved (run it again to continue). ``phase="decoder"`` runs only phase 4 (once
+    the latents are cached), so that it can run beside phase 3 in a second process; the main run then finds it
+    done."""
     from ..pipeline import load  # the pipeline imports sdlite.data for the built-in model
 
     out = Path(out)
@@ -306,11 +360,17 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
         with open_tensor_file(latents_file) as tf:
             latents = (tf.read("mean"), tf.read("std"))
         pipe = load(init)
-        log = train_unet(pipe, latents, captions, r, folder / "unet", clock, say)
+        if phase != "decoder":
+            log = train_unet(pipe, latents, captions, r, folder / "unet", clock, say)
+        decoder_log = train_decoder(pipe.vae, latents, images, r, folder / "decoder", clock, say)
+        if phase == "decoder":
+            return None
     except Stop:
         say(f"stopped after {clock.elapsed / 60:.1f} min with the state saved in {folder}; "
             f"run the same command again to continue")
         return None
+    write_csv(folder / "decoder_loss.csv", decoder_log)
+    draw_loss_curve(folder / "decoder_loss.png", decoder_log)
     write_csv(out.with_suffix(".csv"), log)
     draw_loss_curve(out.with_suffix(".png"), log)
     tail = np.mean([row.loss for row in log[-200:]])
@@ -326,7 +386,7 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
 def _phase_seconds(folder: Path) -> list[float]:
     """Training seconds of each phase, summed over runs (each run's log restarts its clock)."""
     seconds = []
-    for phase in ("vae", "unet"):
+    for phase in ("vae", "unet", "decoder"):
         path = folder / phase / "state.json"
         if path.exists():
             rows = json.loads(path.read_text())["log"]

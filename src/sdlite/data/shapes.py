@@ -208,12 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--state", help="the resumable state folder (default: OUT.state)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, default=90.0, help="stop (state saved) after this long")
+    t.add_argument("--phase", choices=["decoder"], help="run only the decoder phase (beside the main run)")
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             from .pretrain import Recipe, pretrain
-            done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes)
-            return 0 if done else 3
+            done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes,
+                            phase=args.phase)
+            return 0 if done or args.phase else 3
         if args.command == "write":
             paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","))
             print(f"wrote {len(paths)} images with captions to {args.folder}")
