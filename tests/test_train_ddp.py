@@ -1,60 +1,52 @@
-"""Data-parallel training: two CPU processes on Gloo (started by torch.multiprocessing as torchrun would, through
-the RANK/WORLD_SIZE/MASTER_* environment) train the same weights as one process with the same global batch; only
-rank 0 writes."""
+"""Data-parallel training under torchrun: ``torchrun --nproc-per-node 2 -m sdlite.cli train lora …`` (two CPU
+processes, DistributedDataParallel on Gloo) trains the same weights as one process with the same global batch, with
+gradient accumulation (DDP's no_sync on the first micro-batch); only rank 0 writes."""
 
 from __future__ import annotations
 
 import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+import sdlite
 import sdlite.train
 
 from conftest import rel_err
-
-# The workers import this module again: it imports only what they need (no diffusers, no reference encoders).
+from sdfiles import build
+from test_train_lora import write_images
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 COMMON = dict(rank=2, alpha=2, text_encoder=True, prompt="a photo of sks", resolution=64, steps=3, lr=1e-2,
-              batch_size=2, save_precision="fp32", min_snr_gamma=5.0, noise_offset=0.05)
+              batch_size=2, grad_accum=2, save_precision="fp32", min_snr_gamma=5.0, noise_offset=0.05)
 
 
-def _worker(rank: int, world: int, port: int, model: str, data: str, output: str, method: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    try:
-        _train(method, model, data, output)
-    finally:
-        torch.distributed.destroy_process_group()
+def _flags(options: dict) -> list[str]:
+    out = []
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
+    return out
 
 
-def _train(method: str, model, data, output):
-    return sdlite.train.lora(model, data, output=output, **COMMON)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_match_one(tmp_path):
-    from sdfiles import build
-    from test_train_lora import write_images
-
+def test_torchrun_two_gloo_processes_match_one(tmp_path):
     model = tmp_path / "model.safetensors"
     save_file(build("sd1", seed=5).state, str(model))
     data = write_images(tmp_path / "data", n=2)
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    single = _train("lora", str(model), str(data), str(tmp_path / "one" / "out.safetensors"))
+    single = sdlite.train.lora(str(model), str(data), output=tmp_path / "one" / "out.safetensors", **COMMON)
     out = tmp_path / "two" / "out.safetensors"
-    mp.spawn(_worker, args=(2, _free_port(), str(model), str(data), str(out), "lora"), nprocs=2, join=True)
+    # The processes inherit this one's CPU affinity; one thread each, this checkout's sdlite on their path.
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(sdlite.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "sdlite.cli", "train", "lora", str(model), str(data), *_flags(COMMON), "--output", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
     a, b = load_file(str(single.output)), load_file(str(out))
     assert set(a) == set(b)
     ups = [k for k in a if "lora_up" in k]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import sdlite.train
 from sdlite.adapters.embeddings import load_embedding
-from sdlite.conditioning import _token_table
+from sdlite.conditioning import token_table
 from sdlite.train.api import build_run
 from sdlite.train.data import DataError
 from sdlite.train.textual_inversion import TextualInversionMethod
@@ -39,7 +39,7 @@ def trained(models, tmp_path_factory):
     data = write_images(tmp_path_factory.mktemp("ti-images"), n=1)
     out = {}
     for family, model in models.items():
-        tables = [_token_table(e).weight.detach().clone() for e in model.pipe.text_encoders]
+        tables = [token_table(e).weight.detach().clone() for e in model.pipe.text_encoders]
         path = tmp_path_factory.mktemp(f"{family}-out") / f"{TOKEN}.safetensors"
         result = sdlite.train.textual_inversion(model.pipe, data, output=path, token=TOKEN, init_word="dog",
                                                 vectors=3, template="a photo of {}", prompt="unused", resolution=64,
@@ -52,7 +52,7 @@ def trained(models, tmp_path_factory):
 def test_only_new_vectors_train(models, trained, family):
     result, tables = trained[family]
     for before, encoder in zip(tables, models[family].pipe.text_encoders):
-        assert torch.equal(_token_table(encoder).weight, before)  # every row bit-identical
+        assert torch.equal(token_table(encoder).weight, before)  # every row bit-identical
     saved = load_file(str(result.output))
     assert set(saved) == ({"emb_params"} if family == "sd1" else {"clip_l", "clip_g"})
     first = next(iter(saved.values()))

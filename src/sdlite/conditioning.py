@@ -133,8 +133,8 @@ def chunk_prompt(text: str, *, embeddings: EmbeddingSet | None = None,
     return chunker.chunks
 
 
-def _token_table(encoder: nn.Module) -> nn.Module:
-    # Each layout keeps its token-embedding table under the checkpoint's own key name.
+def token_table(encoder: nn.Module) -> nn.Module:
+    """The text encoder's token-embedding table (an ``nn.Embedding``), under either layout's key name."""
     return encoder.text_model.embeddings.token_embedding if encoder.config.layout == "clip" else encoder.token_embedding
 
 
@@ -148,7 +148,7 @@ def _run_encoder(encoder: nn.Module, index: int, chunks: list[PromptChunk], embe
         ids = ids.masked_fill(is_end.cumsum(1) - is_end > 0, 0)
     token_embeds = None
     if any(c.fixes for c in chunks):
-        token_embeds = _token_table(encoder)(ids)
+        token_embeds = token_table(encoder)(ids)
         for row, chunk in enumerate(chunks):
             for slot, embedding in chunk.fixes:
                 vectors = embeddings.vectors(embedding, index).to(token_embeds)
@@ -221,6 +221,15 @@ def encode_text(texts: str | Sequence[str], encoders: Sequence[nn.Module], famil
     weights dropped), "None" (brackets and BREAK are plain text). Returns context [B, 77·k, D] and, for the SDXL
     family, the pooled vector [B, P] of the first chunk.
     """
+    return encode_text_with_grad(texts, encoders, family, clip_skip=clip_skip, embeddings=embeddings,
+                                 emphasis=emphasis)
+
+
+def encode_text_with_grad(texts: str | Sequence[str], encoders: Sequence[nn.Module], family: str, *,
+                          clip_skip: int = 1, embeddings: EmbeddingSet | None = None,
+                          emphasis: str = "Original") -> Conditioning:
+    """:func:`encode_text` with autograd left as the caller has it: under grad mode the result's graph reaches the
+    encoders' parameters and the embeddings' vectors (training text-encoder LoRA or textual-inversion vectors)."""
     texts = [texts] if isinstance(texts, str) else list(texts)
     if not texts:
         raise ValueError("encode_text needs at least one text")

@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint.files import open_tensor_file
 from ..checkpoint.write import save_safetensors
-from ..conditioning import Conditioning, _encode, chunk_prompt
+from ..conditioning import Conditioning, encode_text_with_grad
 from ..generate import size_embedding
 from .data import ImageFolder, vary_caption
 
@@ -155,9 +155,9 @@ def encode_captions(pipe, captions: Sequence[str], *, clip_skip: int = 1, grad: 
                     embeddings=None) -> Conditioning:
     """Text context [B, 77·k, D] (and pooled [B, P] for SDXL) of training captions; ``grad``: keep the graph, for
     methods that train the text encoders or ``embeddings`` (an EmbeddingSet, found in captions by name)."""
-    rows = [chunk_prompt(c, embeddings=embeddings, emphasis="None") for c in captions]
     with contextlib.nullcontext() if grad else torch.no_grad(), pipe.using(*pipe.text_encoders):
-        return _encode(rows, [1] * len(rows), pipe.text_encoders, pipe.family, clip_skip, embeddings, "None")
+        return encode_text_with_grad(list(captions), pipe.text_encoders, pipe.family, clip_skip=clip_skip,
+                                     embeddings=embeddings, emphasis="None")
 
 
 def adm_vector(pipe, pooled: torch.Tensor | None, original_sizes: Sequence[tuple[int, int]],

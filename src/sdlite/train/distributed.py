@@ -1,12 +1,13 @@
-"""Data-parallel training over several processes, as ``torchrun --nproc-per-node N`` starts them (PyTorch
-DistributedDataParallel's scheme on ``torch.distributed``: NCCL between GPUs, Gloo between CPU processes).
+"""Data-parallel training over several processes, as ``torchrun --nproc-per-node N`` starts them: PyTorch's
+DistributedDataParallel on ``torch.distributed`` (NCCL between GPUs, Gloo between CPU processes).
 
 Every process holds the whole model and runs the same steps. The whole batch of a step (``batch_size`` examples,
 the same on every rank because the batch order is a function of the seed) is cut into one contiguous shard per rank,
 and each rank draws the whole batch's noise and timesteps and keeps its rows (``Run.draw``), so N processes train on
-exactly the examples and noise one process would. After the backward pass every trained gradient is averaged over
-the ranks (an all-reduce, as DDP's reducer does), so the optimiser steps agree everywhere; the starting weights are
-broadcast from rank 0. Only rank 0 writes: samples, logs, states and the output file.
+exactly the examples and noise one process would. DDP broadcasts the starting trained weights from rank 0 and
+averages their gradients over the ranks during the backward pass (skipped on the micro-batches of a gradient
+accumulation but the last), so the optimiser steps agree everywhere. Only rank 0 writes: samples, logs, states and
+the output file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .batches import Batch
 from .loop import Method, Run
@@ -80,13 +82,27 @@ class ShardedBatches:
                                    shard=(rows, total), **extra)
 
 
-class DataParallel(Method):
-    """``inner`` with its starting weights broadcast from rank 0 and its gradients averaged over the ranks."""
+class _Trained(nn.Module):
+    """The method's trained parameters as one module, and its loss as that module's forward: the shape
+    DistributedDataParallel wraps (the parameters stay where the method put them; this only lists them)."""
 
-    def __init__(self, inner: Method, world: int):
-        self.inner, self.world = inner, world
+    def __init__(self, method: Method, params: list[nn.Parameter]):
+        super().__init__()
+        self.method = [method]  # in a list: not a submodule
+        self.trained = nn.ParameterList(params)
+
+    def forward(self, run: Run, batch: Batch) -> torch.Tensor:
+        return self.method[0].loss(run, batch)
+
+
+class DataParallel(Method):
+    """``inner`` under :class:`torch.nn.parallel.DistributedDataParallel`: its starting weights broadcast from rank 0
+    when it wraps them, its gradients averaged over the ranks by DDP's reducer in the backward pass."""
+
+    def __init__(self, inner: Method):
+        self.inner = inner
         self.name, self.trains_text = inner.name, inner.trains_text
-        self._hooks = []
+        self.ddp: DistributedDataParallel | None = None
 
     @property
     def embeddings(self):
@@ -94,29 +110,26 @@ class DataParallel(Method):
 
     def attach(self, pipe) -> list[dict]:
         groups = self.inner.attach(pipe)
-        for p in self.inner.named_parameters().values():
-            with torch.no_grad():
-                dist.broadcast(p.data, 0)
-            self._hooks.append(p.register_post_accumulate_grad_hook(self._average))
+        # find_unused_parameters: a step may leave trained weights out of the graph (a dropped caption skips a
+        # textual-inversion vector; clip skip skips the text encoder's last layers), which DDP must be told.
+        self.ddp = DistributedDataParallel(_Trained(self.inner, list(self.inner.named_parameters().values())),
+                                           find_unused_parameters=True)
         return groups
-
-    def _average(self, p: nn.Parameter) -> None:
-        dist.all_reduce(p.grad)
-        p.grad.div_(self.world)
 
     def named_parameters(self) -> dict[str, nn.Parameter]:
         return self.inner.named_parameters()
 
     def loss(self, r: Run, batch: Batch) -> torch.Tensor:
-        return self.inner.loss(r, batch)
+        return self.ddp(r, batch)
+
+    def accumulating(self):
+        return self.ddp.no_sync()
 
     def save(self, r: Run, path):
         return self.inner.save(r, path)
 
     def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self.ddp = None  # the reducer, and with it its gradient hooks, goes with the wrapper
         self.inner.detach()
 
 
@@ -126,7 +139,7 @@ def distribute(run: Run) -> Run:
     if world < 2:
         return run
     run.batches = ShardedBatches(run.batches, rank, world)
-    run.method = DataParallel(run.method, world)
+    run.method = DataParallel(run.method)
     run.writes = rank == 0
     if rank != 0:
         run.progress = None

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..checkpoint.families import UNET, VAE, identify
 from ..checkpoint.files import open_tensor_file
-from ..checkpoint.write import save_safetensors
+from ..checkpoint.write import stream_safetensors
 from .api import build_batches, load_model, split_options
 from .batches import Batch, Batches
 from .data import IMAGE_SUFFIXES
@@ -76,8 +76,8 @@ class FullFineTune(Method):
         return {f"{m}.{n}": p for m, module in self.modules.items() for n, p in module.named_parameters()}
 
     def save(self, r: Run, path: Path) -> Path:
-        return save_safetensors(path, checkpoint_tensors(r.pipe, SAVE_DTYPES[self.save_dtype]),
-                                {"sdlite_method": "dreambooth", "step": str(r.step)}, inputs=[r.pipe.path])
+        return save_checkpoint(r.pipe, path, SAVE_DTYPES[self.save_dtype],
+                               {"sdlite_method": "dreambooth", "step": str(r.step)})
 
     def detach(self) -> None:
         for module in self.modules.values():
@@ -85,24 +85,29 @@ class FullFineTune(Method):
         self.modules = {}
 
 
-def checkpoint_tensors(pipe, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The pipeline's weights under the keys of the file it was loaded from (floats at ``dtype``); keys the modules
-    do not hold (position ids, schedule buffers) copied from that file, its ``model_ema.`` shadows left out."""
+def save_checkpoint(pipe, path: str | os.PathLike, dtype: torch.dtype, metadata: dict[str, str]) -> Path:
+    """Write the pipeline's weights under the keys of the file it was loaded from (floats at ``dtype``); keys the
+    modules do not hold (position ids, schedule buffers) are copied from that file, its ``model_ema.`` shadows left
+    out. Streamed (``stream_safetensors``): one converted tensor exists at a time, not a second copy of the model."""
     modules = {UNET: ("", pipe.unet.state_dict()), VAE: ("", pipe.vae.state_dict())}
-    out = {}
     with open_tensor_file(pipe.path) as tf:
         found = identify(tf)
         for comp, encoder in zip(found.text, pipe.text_encoders):
             modules[comp.file_prefix] = (comp.module_prefix, encoder.state_dict())
+        held: dict[str, torch.Tensor | None] = {}  # file key -> the module's tensor, or None: read from the file
         for key in tf.keys():
             if key.startswith("model_ema."):
                 continue
             prefix = next((p for p in modules if key.startswith(p)), None)
-            state = None if prefix is None else modules[prefix][1]
             name = None if prefix is None else modules[prefix][0] + key[len(prefix):]
-            t = state[name].detach() if state is not None and name in state else tf.read(key)
-            out[key] = t.to("cpu", dtype) if t.is_floating_point() else t.cpu()
-    return out
+            held[key] = None if prefix is None else modules[prefix][1].get(name)
+        entries = []
+        for key, t in held.items():
+            shape, stored = (tf.shapes[key], tf.dtypes[key]) if t is None else (t.shape, t.dtype)
+            entries.append((key, shape, dtype if stored.is_floating_point else stored))
+        tensors = ((tf.read(key) if t is None else t.detach()).to("cpu", out)
+                   for (key, t), (_, _, out) in zip(held.items(), entries))
+        return stream_safetensors(path, entries, tensors, metadata, inputs=[pipe.path])
 
 
 class PriorPreservation(Method):

@@ -92,6 +92,11 @@ class Method:
     def save(self, r: "Run", path: Path) -> Path:
         raise NotImplementedError
 
+    def accumulating(self) -> contextlib.AbstractContextManager:
+        """Context of a micro-batch whose gradients are only accumulated, not yet stepped on (a distributed method
+        defers its gradient exchange to the last micro-batch)."""
+        return contextlib.nullcontext()
+
     def detach(self) -> None:
         """Undo ``attach`` (the trained weights leave the model)."""
 
@@ -230,9 +235,11 @@ class Run:
         total = 0.0
         for micro in range(c.grad_accum):
             batch = self.batches[self.step * c.grad_accum + micro]
-            with self._autocast():
-                loss = self.method.loss(self, batch).float().mean() / c.grad_accum
-            scaler.scale(loss).backward()
+            last = micro == c.grad_accum - 1
+            with contextlib.nullcontext() if last else self.method.accumulating():
+                with self._autocast():
+                    loss = self.method.loss(self, batch).float().mean() / c.grad_accum
+                scaler.scale(loss).backward()
             total += loss.item()
         if c.max_grad_norm:
             scaler.unscale_(optimizer)

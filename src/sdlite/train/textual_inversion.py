@@ -26,7 +26,7 @@ from torch import nn
 from ..adapters.embeddings import SDXL_PARTS, Embedding, EmbeddingSet
 from ..checkpoint.write import atomic_path, save_safetensors
 from ..clip import get_tokenizer
-from ..conditioning import _token_table
+from ..conditioning import token_table
 from .api import build_run
 from .batches import Batch
 from .data import DataError, ImageFolder
@@ -61,7 +61,7 @@ class TextualInversionMethod(Method):
         parts = SDXL_PARTS if len(pipe.text_encoders) == 2 else ("",)
         self.family = pipe.family
         for part, encoder in zip(parts, pipe.text_encoders):
-            table = _token_table(encoder).weight
+            table = token_table(encoder).weight
             self.params[part] = nn.Parameter(table.detach()[rows.to(table.device)].float().clone())
         self.embeddings = EmbeddingSet([Embedding(self.token, dict(self.params))],
                                        [e.config.width for e in pipe.text_encoders])
