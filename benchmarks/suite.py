@@ -176,9 +176,9 @@ def markdown_table(report: dict) -> str:
              f"(txt2img: {report['txt2img_reps']} after {report['warmup']} warm-up generation(s) of "
              f"{report['txt2img_warmup_steps']} steps)",
              "",
-             f"| model | measurement | path | processes | dtype | diffusers median (min-max) | sdlite median (min-max) | "
-             f"diffusers {mem} | sdlite {mem} | UNet TFLOP | diffusers GFLOP/s | sdlite GFLOP/s | "
-             f"sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | sdlite/diffusers CPU time | "
+             f"| model | measurement | path | processes | dtype | diffusers median (min-max) | "
+             f"sdlite median (min-max) | diffusers {mem} | sdlite {mem} | UNet TFLOP | diffusers GFLOP/s | "
+             f"sdlite GFLOP/s | sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | sdlite/diffusers CPU time | "
              f"**sdlite/diffusers memory** |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["results"]:
