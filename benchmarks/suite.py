@@ -178,8 +178,8 @@ def markdown_table(report: dict) -> str:
              "",
              f"| model | measurement | path | processes | dtype | diffusers median (min-max) | "
              f"sdlite median (min-max) | diffusers {mem} | sdlite {mem} | UNet TFLOP | diffusers GFLOP/s | "
-             f"sdlite GFLOP/s | sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | sdlite/diffusers CPU time | "
-             f"**sdlite/diffusers memory** |",
+             f"sdlite GFLOP/s | sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | "
+             f"sdlite/diffusers CPU time | **sdlite/diffusers memory** |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["results"]:
         d, s = row["diffusers"], row["sdlite"]
