@@ -26,10 +26,14 @@ COMPILABLE = ("unet", "txt2img")  # the measurements a compiled UNet changes
 
 
 def unet_inputs(spec: ModelSpec, device: str | torch.device, dtype: torch.dtype, batch: int = 2) -> dict:
-    """Latents, timesteps, text context and (SDXL) ADM vector for one step, seeded."""
+    """Latents, timesteps, text context and (SDXL) ADM vector for one step, seeded.
+
+    An even batch is a CFG step of batch/2 images, as both libraries' pipelines call the UNet: the latents twice
+    (cond rows, then uncond rows) at one timestep, a different text context (and ADM vector) for every row."""
     g = torch.Generator().manual_seed(1)
     side = spec.size // 8
-    inputs = dict(x=torch.randn(batch, 4, side, side, generator=g).to(device, dtype),
+    images, parts = (batch // 2, 2) if batch % 2 == 0 else (batch, 1)
+    inputs = dict(x=torch.randn(images, 4, side, side, generator=g).repeat(parts, 1, 1, 1).to(device, dtype),
                   t=torch.full((batch,), 500.0, device=device),
                   context=torch.randn(batch, 77, spec.unet["context_dim"], generator=g).to(device, dtype))
     if spec.adm:
@@ -142,6 +146,29 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def _sync(device: str) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def _timed(call: Callable, sync: Callable[[], None]) -> tuple[float, float, torch.Tensor]:
+    """(wall seconds, CPU seconds of this process, output) of one call."""
+    sync()
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = call()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def _summary(wall: list[float], cpu: list[float], warmup: int, out: torch.Tensor) -> dict:
+    """Median / min / max wall time of the timed calls, their median CPU time (this process' user + system time:
+    on a core shared with other jobs it leaves out the time the process waited), the first call's wall time, and a
+    checksum of the last output."""
+    timed = wall[warmup:]
+    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed), "reps": len(timed),
+            "cpu_median_s": statistics.median(cpu[warmup:]), "threads": torch.get_num_threads(),
+            "first_call_s": wall[0], "checksum": float(out.float().abs().mean())}
+
+
 def time_calls(call: Callable, device: str, warmup: int, reps: int, warm: Callable | None = None) -> dict:
     """Run ``warm`` (default: ``call``) ``warmup`` times untimed, then ``call`` ``reps`` times timed; times, the first
     call's time (with torch.compile: the compilation), peak memory and a checksum of the last output.
@@ -149,21 +176,17 @@ def time_calls(call: Callable, device: str, warmup: int, reps: int, warm: Callab
     Peak memory: CUDA ``max_memory_allocated`` since the warm-up ended; CPU this process' peak RSS (weights
     included), which is why every measurement has a process of its own."""
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    times = []
+    sync = _sync(device)
+    wall, cpu = [], []
     with torch.inference_mode():
         for i in range(warmup + reps):
             if i == warmup and cuda:
                 torch.cuda.reset_peak_memory_stats()
-            sync()
-            start = time.perf_counter()
-            out = (warm or call)() if i < warmup else call()
-            sync()
-            times.append(time.perf_counter() - start)
-    timed = times[warmup:]
+            w, c, out = _timed((warm or call) if i < warmup else call, sync)
+            wall.append(w)
+            cpu.append(c)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss()
-    return {"median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed), "reps": reps,
-            "first_call_s": times[0], "peak_bytes": peak, "checksum": float(out.float().abs().mean())}
+    return {**_summary(wall, cpu, warmup, out), "peak_bytes": peak}
 
 
 def measure(impl: str, measurement: str, model_name: str, path: str, device: str, dtype_name: str, warmup: int,
@@ -189,6 +212,57 @@ def measure(impl: str, measurement: str, model_name: str, path: str, device: str
             **time_calls(call, device, warmup, reps, warm)}
 
 
+def measure_alternating(measurement: str, model_name: str, path: str, device: str, dtype_name: str, warmup: int,
+                        reps: int, compiled: bool = False, compile_mode: str | None = None) -> dict[str, dict]:
+    """Both implementations in this one long-lived process, as a notebook that uses both does: each loaded once,
+    then ``warmup`` untimed and ``reps`` timed rounds of one diffusers call followed by one sdlite call, so that
+    each runs on the heap (and caches) the other has just left. Returns one result per implementation, as
+    ``measure`` does, without peak memory (the process holds both)."""
+    spec, dtype = MODELS[model_name], DTYPES[dtype_name]
+    sync = _sync(device)
+    calls, results = {}, {}
+    for impl in IMPLS:
+        start = time.perf_counter()
+        model = load(impl, measurement, spec, path, device, dtype)
+        sync()
+        results[impl] = {"impl": impl, "measurement": measurement, "model": model_name, "dtype": dtype_name,
+                         "path": "compiled" if compiled else "eager", "load_s": time.perf_counter() - start}
+        if compiled:
+            compile_model(impl, measurement, model, compile_mode)
+        warm = make_call(impl, measurement, spec, model, device, dtype, steps=WARMUP_STEPS) \
+            if measurement == "txt2img" else None
+        calls[impl] = (make_call(impl, measurement, spec, model, device, dtype), warm)
+    warmup = max(warmup, 1) if compiled else warmup
+    wall, cpu, out = {i: [] for i in IMPLS}, {i: [] for i in IMPLS}, {}
+    with torch.inference_mode():
+        for r in range(warmup + reps):
+            for impl in IMPLS:
+                call, warm = calls[impl]
+                w, c, out[impl] = _timed((warm or call) if r < warmup else call, sync)
+                wall[impl].append(w)
+                cpu[impl].append(c)
+    for impl in IMPLS:
+        results[impl].update(_summary(wall[impl], cpu[impl], warmup, out[impl]), peak_bytes=None)
+    return results
+
+
+def run_alternating(measurement: str, model_name: str, path: str, device: str, dtype_name: str, warmup: int,
+                    reps: int, compiled: bool = False, compile_mode: str | None = None) -> dict[str, dict]:
+    """``measure_alternating`` in a fresh Python process (fresh for this pair, long-lived for its rounds)."""
+    cmd = [sys.executable, "-m", "benchmarks", "alternate", measurement, model_name, path, "--device", device,
+           "--dtype", dtype_name, "--warmup", str(warmup), "--reps", str(reps)]
+    if compiled:
+        cmd += ["--compiled"] + (["--compile-mode", compile_mode] if compile_mode else [])
+    return _run_json(cmd)
+
+
+def _run_json(cmd: list[str]) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def run_measurement(impl: str, measurement: str, model_name: str, path: str, device: str, dtype_name: str,
                     warmup: int, reps: int, compiled: bool = False, compile_mode: str | None = None) -> dict:
     """``measure`` in a fresh Python process; its result comes back as the last line of stdout (JSON)."""
@@ -196,10 +270,7 @@ def run_measurement(impl: str, measurement: str, model_name: str, path: str, dev
            "--dtype", dtype_name, "--warmup", str(warmup), "--reps", str(reps)]
     if compiled:
         cmd += ["--compiled"] + (["--compile-mode", compile_mode] if compile_mode else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _run_json(cmd)
 
 
 def sd15_unet_in_fresh_processes(module: str, flags: list[str]) -> dict[str, dict]:

@@ -16,6 +16,8 @@ measurement. Warm-up excluded, median / min / max of the timed runs (``benchmark
 * ``txt2img``: one 20-step Euler image with CFG, end to end, and its time over 20 UNet steps of the same run.
 
 ``unet`` and ``txt2img`` are measured eager and, with ``--paths eager,compiled``, with the UNet torch.compile'd.
+With ``--processes fresh,one`` each measurement is also run with both implementations loaded in one long-lived
+process, alternating call by call (``measure_alternating``), as a notebook that uses both runs them.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.measure import COMPILABLE, IMPLS, MEASUREMENTS, PATHS, count_unet_flops, measure, run_measurement
+from benchmarks.measure import (COMPILABLE, IMPLS, MEASUREMENTS, PATHS, count_unet_flops, measure,
+                                measure_alternating, run_alternating, run_measurement)
 from benchmarks.models import DTYPES, MODELS, write_checkpoint
 from benchmarks.txt2img import STEPS, WARMUP_STEPS, tokenizer_dir, write_tokenizer
 
@@ -51,20 +54,27 @@ def _version(package: str) -> str:
     return version(package)
 
 
+# How the implementations are run: each measurement in a fresh process of its own, or both in one process,
+# alternating call by call (no peak memory of its own there).
+PROCESSES = ("fresh", "one")
+
+
 def _compare(row: dict) -> None:
-    """The ratios sdlite/diffusers of a row whose two measurements both succeeded."""
+    """The ratios sdlite/diffusers of a row whose two measurements both succeeded (wall time, CPU time, memory)."""
     d, s = row["diffusers"], row["sdlite"]
     if d and s:
         row["ratio_time"] = s["median_s"] / d["median_s"]
-        row["ratio_memory"] = s["peak_bytes"] / d["peak_bytes"]
+        row["ratio_cpu"] = s["cpu_median_s"] / d["cpu_median_s"]
+        if d["peak_bytes"] and s["peak_bytes"]:
+            row["ratio_memory"] = s["peak_bytes"] / d["peak_bytes"]
 
 
 def _txt2img_vs_unet(rows: list[dict]) -> None:
     """The issue's end-to-end target: txt2img within 10% of 20 UNet steps. For each txt2img row with a UNet row of
     the same model, dtype and path, each implementation's txt2img median over 20x its UNet step median."""
-    unet = {(r["model"], r["dtype"], r["path"]): r for r in rows if r["measurement"] == "unet"}
+    unet = {(r["model"], r["dtype"], r["path"], r["processes"]): r for r in rows if r["measurement"] == "unet"}
     for row in rows:
-        step = unet.get((row["model"], row["dtype"], row["path"]))
+        step = unet.get((row["model"], row["dtype"], row["path"], row["processes"]))
         if row["measurement"] != "txt2img" or step is None:
             continue
         row["txt2img_over_unet_steps"] = {
@@ -74,11 +84,14 @@ def _txt2img_vs_unet(rows: list[dict]) -> None:
 
 def run_suite(models: list[str], device: str, dtypes: list[str], measurements: list[str], paths: list[str],
               warmup: int, reps: int, txt2img_reps: int, compile_mode: str | None = None, tmpdir: str | None = None,
-              log: Callable[[str], None] = print, runner: Callable[..., dict] = run_measurement) -> dict:
-    """Every model x dtype x measurement x path x implementation; returns the JSON-ready results.
+              log: Callable[[str], None] = print, runner: Callable[..., dict] = run_measurement,
+              processes: tuple[str, ...] = ("fresh",), pair_runner: Callable[..., dict] = run_alternating) -> dict:
+    """Every model x dtype x measurement x path x processes x implementation; returns the JSON-ready results.
 
-    ``runner`` runs one measurement (default: in a fresh process); a failed one is logged and left out of its row
-    (``None``, with the error under ``errors``), so that one out-of-memory does not cost the rest of a long run."""
+    ``runner`` runs one measurement of one implementation (default: in a fresh process), ``pair_runner`` both
+    implementations alternating in one process (``processes`` "one"); a failed one is logged and left out of its
+    row (``None``, with the error under ``errors``), so that one out-of-memory does not cost the rest of a long
+    run."""
     rows = []
     for name in models:
         spec = MODELS[name]
@@ -91,18 +104,21 @@ def run_suite(models: list[str], device: str, dtypes: list[str], measurements: l
             flops = count_unet_flops(spec) if "unet" in measurements else None
             for dtype_name in dtypes:
                 for measurement in measurements:
-                    for path_kind in (paths if measurement in COMPILABLE else ["eager"]):
-                        row = {"model": name, "measurement": measurement, "dtype": dtype_name, "path": path_kind}
+                    for path_kind, proc in ((p, q) for p in (paths if measurement in COMPILABLE else ["eager"])
+                                            for q in processes):
+                        row = {"model": name, "measurement": measurement, "dtype": dtype_name, "path": path_kind,
+                               "processes": proc}
                         n = txt2img_reps if measurement == "txt2img" else reps
-                        for impl in IMPLS:
-                            log(f"[{name}] {measurement}, {dtype_name}, {path_kind}: {impl}")
-                            try:
-                                row[impl] = runner(impl, measurement, name, path, device, dtype_name, warmup, n,
-                                                   compiled=path_kind == "compiled", compile_mode=compile_mode)
-                            except Exception as e:  # noqa: BLE001 - reported in the row and the log, run goes on
-                                log(f"[{name}] {measurement}, {dtype_name}, {path_kind}: {impl} FAILED: {e}")
-                                row[impl] = None
-                                row.setdefault("errors", {})[impl] = str(e)[-4000:]
+                        args = (measurement, name, path, device, dtype_name, warmup, n)
+                        options = dict(compiled=path_kind == "compiled", compile_mode=compile_mode)
+                        what = f"[{name}] {measurement}, {dtype_name}, {path_kind}"
+                        if proc == "fresh":
+                            for impl in IMPLS:
+                                log(f"{what}: {impl}")
+                                _attempt(row, [impl], lambda: {impl: runner(impl, *args, **options)}, what, log)
+                        else:
+                            log(f"{what}: both in one process, alternating")
+                            _attempt(row, list(IMPLS), lambda: pair_runner(*args, **options), what, log)
                         if measurement == "unet":
                             row["flops"] = flops
                             for impl in IMPLS:
@@ -111,10 +127,22 @@ def run_suite(models: list[str], device: str, dtypes: list[str], measurements: l
                         _compare(row)
                         rows.append(row)
     _txt2img_vs_unet(rows)
-    return {"machine": machine_name(device), "device": device, "dtypes": dtypes, "paths": paths,
+    return {"machine": machine_name(device), "threads": torch.get_num_threads(), "device": device,
+            "dtypes": dtypes, "paths": paths, "processes": list(processes),
             "compile_mode": compile_mode, "warmup": warmup, "reps": reps, "txt2img_reps": txt2img_reps,
             "txt2img_steps": STEPS, "txt2img_warmup_steps": WARMUP_STEPS, "torch": torch.__version__,
             "diffusers": _version("diffusers"), "transformers": _version("transformers"), "results": rows}
+
+
+def _attempt(row: dict, impls: list[str], run: Callable[[], dict], what: str, log: Callable[[str], None]) -> None:
+    """``row[impl]`` for each of ``impls`` from ``run()``, or None and the error in ``row["errors"]``."""
+    try:
+        row.update(run())
+    except Exception as e:  # noqa: BLE001 - reported in the row and the log, the run goes on
+        log(f"{what}: {'/'.join(impls)} FAILED: {e}")
+        for impl in impls:
+            row[impl] = None
+            row.setdefault("errors", {})[impl] = str(e)[-4000:]
 
 
 def _what(row: dict) -> str:
@@ -133,7 +161,9 @@ def markdown_table(report: dict) -> str:
         return "failed" if r is None else f"{r['median_s']:.3f} s ({r['min_s']:.3f}-{r['max_s']:.3f})"
 
     def gib(r: dict | None) -> str:
-        return "failed" if r is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
+        if r is None:
+            return "failed"
+        return "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f} GiB"
 
     def path(row: dict) -> str:  # compiled: the first call, which compiles, in seconds (diffusers / sdlite)
         if row["path"] == "eager":
@@ -141,14 +171,16 @@ def markdown_table(report: dict) -> str:
         first = " / ".join("-" if row[i] is None else f"{row[i]['first_call_s']:.1f}" for i in IMPLS)
         return f"compiled (first call {first} s)"
 
-    lines = [f"{report['machine']}; {report['reps']} timed runs after {report['warmup']} warm-up "
+    lines = [f"{report['machine']}, {report['threads']} thread(s); {report['reps']} timed runs after "
+             f"{report['warmup']} warm-up "
              f"(txt2img: {report['txt2img_reps']} after {report['warmup']} warm-up generation(s) of "
              f"{report['txt2img_warmup_steps']} steps)",
              "",
-             f"| model | measurement | path | dtype | diffusers median (min-max) | sdlite median (min-max) | "
-             f"diffusers {mem} | sdlite {mem} | UNet TFLOP | diffusers GFLOP/s | sdlite GFLOP/s | "
-             f"sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | **sdlite/diffusers memory** |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"| model | measurement | path | processes | dtype | diffusers median (min-max) | "
+             f"sdlite median (min-max) | diffusers {mem} | sdlite {mem} | UNet TFLOP | diffusers GFLOP/s | "
+             f"sdlite GFLOP/s | sdlite txt2img / {STEPS} UNet steps | **sdlite/diffusers time** | "
+             f"sdlite/diffusers CPU time | **sdlite/diffusers memory** |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in report["results"]:
         d, s = row["diffusers"], row["sdlite"]
         flops = row.get("flops")
@@ -158,9 +190,11 @@ def markdown_table(report: dict) -> str:
         over = row.get("txt2img_over_unet_steps", {}).get("sdlite")
         over = f"{over:.3f}" if over is not None else ""
         rt = f"**{row['ratio_time']:.3f}x**" if "ratio_time" in row else "n/a"
+        rc = f"{row['ratio_cpu']:.3f}x" if "ratio_cpu" in row else "n/a"
         rm = f"**{row['ratio_memory']:.3f}x**" if "ratio_memory" in row else "n/a"
-        lines.append(f"| {row['model']} | {_what(row)} | {path(row)} | {row['dtype']} | {cell(d)} | {cell(s)} | "
-                     f"{gib(d)} | {gib(s)} | {tflop} | {dg} | {sg} | {over} | {rt} | {rm} |")
+        proc = "fresh, one each" if row["processes"] == "fresh" else "one, alternating"
+        lines.append(f"| {row['model']} | {_what(row)} | {path(row)} | {proc} | {row['dtype']} | {cell(d)} | "
+                     f"{cell(s)} | {gib(d)} | {gib(s)} | {tflop} | {dg} | {sg} | {over} | {rt} | {rc} | {rm} |")
     return "\n".join(lines)
 
 
@@ -193,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                                      "CUDA, bf16 where the GPU supports it)")
     run.add_argument("--paths", help=f"comma-separated, of {','.join(PATHS)}: the UNet eager and/or torch.compile'd, "
                                      "for unet and txt2img (default: eager for the cpu suite, both for the gpu suite)")
+    run.add_argument("--processes", help=f"comma-separated, of {','.join(PROCESSES)}: each measurement in a fresh "
+                                         "process per implementation, and/or both implementations in one process, "
+                                         "alternating call by call (default: fresh)")
     run.add_argument("--compile-mode", choices=["reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                      help="torch.compile mode for the compiled path (default: torch's default mode)")
     run.add_argument("--device", help="default: cpu for the cpu suite, cuda for the gpu suite")
@@ -208,17 +245,24 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("measurement", choices=MEASUREMENTS)
     one.add_argument("model", choices=list(MODELS))
     one.add_argument("path")
-    one.add_argument("--device", default="cpu")
-    one.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    one.add_argument("--warmup", type=int, default=1)
-    one.add_argument("--reps", type=int, default=3)
-    one.add_argument("--compiled", action="store_true")
-    one.add_argument("--compile-mode")
+    pair = sub.add_parser("alternate", help="(internal) both implementations in this process, printed as JSON")
+    pair.add_argument("measurement", choices=MEASUREMENTS)
+    pair.add_argument("model", choices=list(MODELS))
+    pair.add_argument("path")
+    for p in (one, pair):
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+        p.add_argument("--warmup", type=int, default=1)
+        p.add_argument("--reps", type=int, default=3)
+        p.add_argument("--compiled", action="store_true")
+        p.add_argument("--compile-mode")
     args = parser.parse_args(argv)
 
-    if args.command == "measure":
-        print(json.dumps(measure(args.impl, args.measurement, args.model, args.path, args.device, args.dtype,
-                                 args.warmup, args.reps, args.compiled, args.compile_mode)))
+    if args.command in ("measure", "alternate"):
+        first = (args.impl,) if args.command == "measure" else ()
+        fn = measure if args.command == "measure" else measure_alternating
+        print(json.dumps(fn(*first, args.measurement, args.model, args.path, args.device, args.dtype, args.warmup,
+                            args.reps, args.compiled, args.compile_mode)))
         return
 
     suite = SUITES[args.suite]
@@ -227,12 +271,13 @@ def main(argv: list[str] | None = None) -> None:
     measurements = _names(args.measure, MEASUREMENTS, "--measure", parser) or list(MEASUREMENTS)
     dtypes = _names(args.dtype, list(DTYPES), "--dtype", parser) or _default_dtypes(device)
     paths = _names(args.paths, PATHS, "--paths", parser) or suite["paths"]
+    processes = _names(args.processes, PROCESSES, "--processes", parser) or ["fresh"]
     warmup = args.warmup if args.warmup is not None else suite["warmup"]
     reps = args.reps if args.reps is not None else suite["reps"]
     txt2img_reps = args.txt2img_reps or suite["txt2img_reps"] or reps
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     report = run_suite(models, device, dtypes, measurements, paths, warmup, reps, txt2img_reps, args.compile_mode,
-                       args.tmpdir, log)
+                       args.tmpdir, log, processes=tuple(processes))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

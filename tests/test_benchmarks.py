@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.measure import IMPLS, MEASUREMENTS, count_unet_flops, load, make_call, measure
+from benchmarks.measure import (IMPLS, MEASUREMENTS, count_unet_flops, load, make_call, measure, measure_alternating,
+                                unet_inputs)
 from benchmarks.models import MODELS, ModelSpec, write_checkpoint
 from benchmarks.suite import markdown_table, run_suite
 from benchmarks.txt2img import PROMPT, _diffusers_tokenizer, tokenizer_dir, write_tokenizer
@@ -85,26 +86,44 @@ def test_txt2img_gives_one_image_at_the_model_size(spec, tmp_path):
 
 def test_every_measurement_and_the_report(spec, tmp_path):
     report = run_suite([spec.name], "cpu", ["fp32"], list(MEASUREMENTS), ["eager"], warmup=0, reps=1, txt2img_reps=1,
-                       tmpdir=str(tmp_path), log=lambda msg: None, runner=measure)
-    rows = {row["measurement"]: row for row in report["results"]}
-    assert list(rows) == list(MEASUREMENTS)
-    for name, row in rows.items():
+                       tmpdir=str(tmp_path), log=lambda msg: None, runner=measure, processes=("fresh", "one"),
+                       pair_runner=measure_alternating)
+    rows = {(row["measurement"], row["processes"]): row for row in report["results"]}
+    assert list(rows) == [(m, p) for m in MEASUREMENTS for p in ("fresh", "one")]
+    for (name, processes), row in rows.items():
         assert "errors" not in row, row.get("errors")
         assert (row["model"], row["dtype"], row["path"]) == (spec.name, "fp32", "eager")
         for impl in IMPLS:
             r = row[impl]
             assert (r["impl"], r["measurement"], r["reps"]) == (impl, name, 1)
             assert 0 < r["min_s"] <= r["median_s"] <= r["max_s"] and r["first_call_s"] > 0 and r["load_s"] > 0
-            assert r["peak_bytes"] > 0 and r["checksum"] == r["checksum"]  # not NaN
-        assert row["ratio_time"] > 0 and row["ratio_memory"] > 0
-    assert rows["unet"]["flops"] == count_unet_flops(spec) > 0
-    assert rows["unet"]["sdlite"]["gflops_per_s"] > 0
-    # The same step's output from both (the comparison test above checks it closely).
-    assert rows["unet"]["sdlite"]["checksum"] == pytest.approx(rows["unet"]["diffusers"]["checksum"], rel=1e-4)
-    assert set(rows["txt2img"]["txt2img_over_unet_steps"]) == set(IMPLS)
+            assert r["cpu_median_s"] > 0 and r["threads"] == torch.get_num_threads()
+            assert r["checksum"] == r["checksum"]  # not NaN
+            # one process holds both implementations: no peak memory of either's own
+            assert r["peak_bytes"] > 0 if processes == "fresh" else r["peak_bytes"] is None
+        assert row["ratio_time"] > 0 and row["ratio_cpu"] > 0
+        assert (row["ratio_memory"] > 0) if processes == "fresh" else "ratio_memory" not in row
+    for processes in ("fresh", "one"):
+        unet = rows["unet", processes]
+        assert unet["flops"] == count_unet_flops(spec) > 0
+        assert unet["sdlite"]["gflops_per_s"] > 0
+        # The same step's output from both (the comparison test above checks it closely).
+        assert unet["sdlite"]["checksum"] == pytest.approx(unet["diffusers"]["checksum"], rel=1e-4)
+        assert set(rows["txt2img", processes]["txt2img_over_unet_steps"]) == set(IMPLS)
     table = markdown_table(report)
-    assert table.count(f"| {spec.name} |") == len(MEASUREMENTS)
+    assert table.count(f"| {spec.name} |") == 2 * len(MEASUREMENTS)
+    assert table.count("| one, alternating |") == len(MEASUREMENTS)
     assert "txt2img, 20 Euler steps, CFG, 64x64" in table
+
+
+def test_unet_inputs_are_a_cfg_batch(spec):
+    """An even batch is a CFG step as the pipelines make it: each image's latents in both halves, one timestep,
+    a different context per row."""
+    i = unet_inputs(spec, "cpu", torch.float32, batch=4)
+    assert torch.equal(i["x"][:2], i["x"][2:]) and not torch.equal(i["x"][0], i["x"][1])
+    assert not torch.equal(i["context"][:2], i["context"][2:])
+    assert torch.equal(i["t"], torch.full((4,), 500.0))
+    assert not torch.equal(*unet_inputs(spec, "cpu", torch.float32, batch=3)["x"][:2])
 
 
 def test_diffusers_tokenizers_give_sdlite_ids(tmp_path):
