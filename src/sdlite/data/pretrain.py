@@ -321,6 +321,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
 
 def _append_eval(path: Path, step: int, elapsed: float, s: dict[str, float]) -> None:
     rows = list(csv.reader(path.open())) if path.exists() else [["step", "run_elapsed_s", "background", "object"]]
+    rows = [row for row in rows if row[0] != str(step)]  # a resumed run evaluates that step again
     rows.append([str(step), f"{elapsed:.0f}", f"{s['background']:.3f}", f"{s['object']:.3f}"])
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(rows)
