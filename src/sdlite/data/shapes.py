@@ -19,7 +19,9 @@ combinations; no object of a "train" sample is one of them, and every "held_out"
 
 Command line: ``python -m sdlite.data.shapes write DIR --count N --seed S`` writes DIR/000000.png with
 DIR/000000.txt (its caption) and so on, the folder layout ``sdlite train`` reads;
-``python -m sdlite.data.shapes describe IMAGE...`` prints what the detector reads.
+``python -m sdlite.data.shapes describe IMAGE...`` prints what the detector reads;
+``python -m sdlite.data.shapes evaluate [MODEL]`` scores a model on the held-out prompts and ``grid OUT [MODEL]``
+draws a sheet of its samples (``sdlite.data.quality``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint.write import atomic_path
+from ..errors import SdliteError
 from .detect import Description, Found, describe
 from .scene import ALL_SHAPES, COLOURS, EXTRA_SHAPES, PALETTE, POSITIONS, SHAPES, SIZES, Obj, Scene, render
 
@@ -203,15 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(ALL_SHAPES)}")
     d = sub.add_parser("describe", help="print what the detector reads in images")
     d.add_argument("images", nargs="+")
+    from . import quality  # the model-facing commands; imported here, as quality builds on this module
+
+    quality.add_commands(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command in ("evaluate", "grid"):
+            return quality.run_command(args)
         if args.command == "write":
             paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","))
             print(f"wrote {len(paths)} images with captions to {args.folder}")
         else:
             for path in args.images:
                 print(_describe_line(path))
-    except (ValueError, OSError) as e:
+    except (SdliteError, ValueError, OSError) as e:
         print(f"sdlite: error: {e}", file=sys.stderr)
         return 2
     return 0
