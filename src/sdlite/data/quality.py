@@ -119,6 +119,10 @@ class Evaluation:
     settings: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        measures = ", ".join(f"{k} {v:.1%}" for k, v in self.measures().items())
+        return f"Evaluation({len(self.records)} images: {measures})"
+
     def _of(self, kind: str) -> list[Record]:
         return [r for r in self.records if r.prompt.kind == kind]
 
