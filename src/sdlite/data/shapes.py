@@ -21,7 +21,8 @@ Command line: ``python -m sdlite.data.shapes write DIR --count N --seed S`` writ
 DIR/000000.txt (its caption) and so on, the folder layout ``sdlite train`` reads;
 ``python -m sdlite.data.shapes describe IMAGE...`` prints what the detector reads;
 ``python -m sdlite.data.shapes evaluate [MODEL]`` scores a model on the held-out prompts and ``grid OUT [MODEL]``
-draws a sheet of its samples (``sdlite.data.quality``).
+draws a sheet of its samples (``sdlite.data.quality``); ``adapt dreambooth|ti|lora`` trains and measures the
+adaptation examples (``sdlite.data.adapt``).
 """
 
 from __future__ import annotations
@@ -213,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--outline", action="store_true", help="draw the shapes as outlines only")
     d = sub.add_parser("describe", help="print what the detector reads in images")
     d.add_argument("images", nargs="+")
-    from . import quality  # the model-facing commands; imported here, as quality builds on this module
+    from . import adapt, quality  # the model-facing commands; imported here, as they build on this module
 
     quality.add_commands(sub)
+    adapt.add_command(sub)
     args = parser.parse_args(argv)
     try:
         if args.command in ("evaluate", "grid"):
             return quality.run_command(args)
+        if args.command == "adapt":
+            return adapt.run_command(args)
         if args.command == "write":
             paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","), outline=args.outline)
             print(f"wrote {len(paths)} images with captions to {args.folder}")
