@@ -39,7 +39,8 @@ def test_prompts_are_the_held_out_combinations_in_caption_form():
         assert (p.objects[k % 2] + (p.background,)) in shapes.HELD_OUT
         assert p.objects[0] != p.objects[1] and all(c != p.background for c, _ in p.objects)
         left, right = p.objects
-        assert p.text == (f"{shapes.caption(Scene(p.background, (Obj(*left, 'large', 'left'), Obj(*right, 'large', 'right'))), 'pair')}")
+        scene = Scene(p.background, (Obj(*left, "large", "left"), Obj(*right, "large", "right")))
+        assert p.text == shapes.caption(scene, "pair")
     assert {c for p in two for c, _ in p.objects} == set(shapes.COLOURS)
     assert {s for p in two for _, s in p.objects} == set(shapes.SHAPES)
     assert quality.held_out_prompts() == prompts  # deterministic

@@ -214,7 +214,8 @@ def grid(records: Sequence[Record], columns: int = 5, cell: int = 128) -> Image.
     for i, r in enumerate(records):
         x, y = (i % columns) * (cell + 2 * pad), (i // columns) * (cell + 2 * pad + text_h)
         ok = r.background_ok and r.objects_ok
-        draw.rectangle((x, y, x + cell + 2 * pad - 1, y + cell + 2 * pad - 1), fill=(40, 160, 70) if ok else (215, 35, 40))
+        frame = (40, 160, 70) if ok else (215, 35, 40)
+        draw.rectangle((x, y, x + cell + 2 * pad - 1, y + cell + 2 * pad - 1), fill=frame)
         sheet.paste(r.image.convert("RGB").resize((cell, cell), Image.NEAREST), (x + pad, y + pad))
         words, lines = r.prompt.text.split(), [""]
         for word in words:  # wrap to the cell's width
@@ -250,7 +251,7 @@ def add_commands(sub) -> None:
         p.add_argument("--device", default="cpu")
 
 
-def _every_other(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
+def _spread(prompts: Sequence[Prompt], n: int) -> list[Prompt]:
     """``n`` prompts spread evenly over ``prompts``."""
     step = max(len(prompts) / n, 1.0)
     return [prompts[int(i * step)] for i in range(min(n, len(prompts)))]
@@ -266,7 +267,7 @@ def run_command(args) -> int:
     if args.command == "grid":
         from ..checkpoint.write import atomic_path
 
-        prompts = [p for kind in KINDS for p in _every_other(held_out_prompts([kind]), args.per_kind)]
+        prompts = [p for kind in KINDS for p in _spread(held_out_prompts([kind]), args.per_kind)]
         result = evaluate(pipe, prompts, [args.seed], **settings)
         with atomic_path(args.output, [pipe.path]) as tmp:
             grid(result.records, args.columns).save(tmp, format="PNG")

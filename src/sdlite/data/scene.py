@@ -39,7 +39,9 @@ POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32
 SUPERSAMPLE = 4
 JITTER = 2.0  # largest random shift of a box centre, in pixels
 SIZE_JITTER = 1.0  # largest random change of a box side, in pixels
-OUTLINE_WIDTH = 2  # pixels: a ring that stays a ring after the VAE (one pixel blurs away) and leaves small shapes hollow
+# Pixels: wide enough that a ring stays a ring through the VAE (one pixel blurs away), narrow enough that a small
+# shape stays hollow.
+OUTLINE_WIDTH = 2
 
 
 @dataclass(frozen=True)
