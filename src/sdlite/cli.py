@@ -1,5 +1,6 @@
 """The ``sdlite`` command: txt2img, img2img, inpaint, and ``info`` on any file.
 
+    sdlite txt2img "a red circle on a blue background" -o circle.png       # the built-in model "shapes"
     sdlite txt2img model.safetensors "a cat drinking a pint of beer" --steps 20 --seed 1 -o cat.png
     sdlite txt2img model.safetensors --from-png cat.png -o again.png      # the settings stored in a PNG
     sdlite info model.safetensors                                          # what a checkpoint/LoRA/embedding/PNG is
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -72,13 +74,17 @@ def options_from_png(path: str) -> tuple[str, dict]:
     return params.get("Prompt", ""), options
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
 def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> None:
-    p.add_argument("model", help="checkpoint file (.safetensors or .ckpt)")
-    if image:
-        p.add_argument("image", help="input image")
-    if mask:
-        p.add_argument("mask", help="mask image: white = regenerate")
-    p.add_argument("prompt", nargs="?", default=None)
+    inputs = " IMAGE" * image + " MASK" * mask
+    count = ("a single argument is", "two arguments are", "three arguments are")[image + mask]
+    p.add_argument("words", nargs="*", metavar=f"[MODEL]{inputs} PROMPT",
+                   help="MODEL: a checkpoint file or \"shapes\", the built-in model (the default when MODEL is left "
+                        f"out). With --from-png the PROMPT may be left out, so there {count} MODEL{inputs} (use "
+                        "--model shapes to give the built-in model a new prompt)")
+    p.add_argument("--model", default=None, help="the checkpoint, instead of the first positional argument")
     p.add_argument("-n", "--negative-prompt", default=None)
     p.add_argument("--from-png", help="take prompt and settings from this PNG's infotext (explicit flags win)")
     p.add_argument("-o", "--output", default="out.png", help="output PNG; a batch gets -1, -2 … suffixes")
@@ -107,6 +113,31 @@ def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> Non
         p.add_argument("--invert-mask", action="store_true")
         p.add_argument("--inpaint-fill", choices=["original", "fill", "latent noise", "latent nothing"], default=None)
         p.add_argument("--only-masked", action="store_true")
+
+
+def assign_positionals(args: argparse.Namespace, inputs: tuple[str, ...]) -> None:
+    """Set ``args.model``, the ``inputs`` (image, mask) and ``args.prompt`` from the positional words.
+
+    The words are ``[MODEL] INPUTS... [PROMPT]``: with n inputs, n + 2 words are model, inputs, prompt; n + 1 words
+    are inputs and prompt on the built-in model, except with ``--from-png`` (whose infotext gives the prompt), where
+    they are model and inputs; n words are the inputs alone. ``--model`` names the model and leaves the words to the
+    inputs and prompt. A lone word that is a checkpoint file is refused as a prompt (it was meant as the model)."""
+    words, n = list(args.words), len(inputs)
+    model_first = args.model is None and (len(words) == n + 2 or (len(words) == n + 1 and args.from_png))
+    if len(words) not in (n, n + 1, n + 2) or (args.model is not None and len(words) == n + 2):
+        shape = " ".join(["[MODEL]" if args.model is None else "", *(i.upper() for i in inputs), "PROMPT"]).strip()
+        raise ValueError(f"{args.command} takes {shape}; got {len(words)} argument(s): {words}")
+    args.model = words.pop(0) if model_first else (args.model or "shapes")
+    for name in inputs:
+        setattr(args, name, words.pop(0))
+    args.prompt = words.pop(0) if words else None
+    first = args.prompt if not inputs else getattr(args, inputs[0])
+    if not model_first and args.model == "shapes" and first and first.lower().endswith(CHECKPOINT_SUFFIXES) \
+            and os.path.isfile(first):
+        raise ValueError(f"{first!r} is a checkpoint file, not {'a prompt' if not inputs else 'an image'}: give "
+                         f"the prompt after it ({args.command} MODEL{' IMAGE' * bool(inputs)} PROMPT) or --model")
+    if args.prompt is None and not args.from_png:
+        raise ValueError(f"{args.command} needs a PROMPT (or --from-png)")
 
 
 def _options(args: argparse.Namespace) -> tuple[str, dict]:
@@ -139,6 +170,7 @@ def run_generation(args: argparse.Namespace) -> int:
 
     import sdlite
 
+    assign_positionals(args, {"txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask")}[args.command])
     prompt, options = _options(args)
     # The output is checked before any work: its folder exists and it is none of the inputs.
     inputs = [p for p in (getattr(args, "image", None), getattr(args, "mask", None), args.from_png) if p]

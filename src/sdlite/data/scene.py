@@ -1,7 +1,9 @@
 """The vocabulary of the "shapes" world and how a scene is drawn.
 
 A scene is a flat-coloured background with one or two flat-coloured objects. Every object is drawn inside a square
-box: its size gives the box's side, its position the box's centre. Drawing happens at 4x the output resolution and
+box: its size gives the box's side, its position the box's centre. An object is filled, or with ``outline`` drawn as
+its outline only, ``OUTLINE_WIDTH`` pixels wide inside the same box (a style pre-training never shows; the LoRA
+example teaches it). Drawing happens at 4x the output resolution and
 is then reduced by 4x4 box averaging, so edges are anti-aliased by exact area coverage (no ringing, no blur beyond
 one pixel), which keeps the shapes crisp and the colours of their interiors exactly the palette's.
 """
@@ -37,16 +39,21 @@ POSITIONS = {"left": (16, 32), "right": (48, 32), "top": (32, 16), "bottom": (32
 SUPERSAMPLE = 4
 JITTER = 2.0  # largest random shift of a box centre, in pixels
 SIZE_JITTER = 1.0  # largest random change of a box side, in pixels
+# Pixels: wide enough that a ring stays a ring through the VAE (one pixel blurs away), narrow enough that a small
+# shape stays hollow.
+OUTLINE_WIDTH = 2
 
 
 @dataclass(frozen=True)
 class Obj:
-    """One object; ``position`` is one of POSITIONS (two-object scenes use "left" and "right")."""
+    """One object; ``position`` is one of POSITIONS (two-object scenes use "left" and "right"); ``outline``: drawn
+    as its outline only."""
 
     colour: str
     shape: str
     size: str
     position: str
+    outline: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,13 +96,16 @@ _OUTLINES = {
 }
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
-    """Fill ``shape`` into ``box`` = (x0, y0, x1, y1) in the drawing's own pixels."""
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill,
+               width: int = 0) -> None:
+    """Fill ``shape`` into ``box`` = (x0, y0, x1, y1) in the drawing's own pixels; with ``width``, draw only its
+    outline, that many pixels wide, inside the box."""
     x0, y0, x1, y1 = box
+    style = {"outline": fill, "width": width} if width else {"fill": fill}
     if shape == "circle":
-        draw.ellipse(box, fill=fill)
+        draw.ellipse(box, **style)
     elif shape in _OUTLINES:
-        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in _OUTLINES[shape]], fill=fill)
+        draw.polygon([(x0 + u * (x1 - x0), y0 + v * (y1 - y0)) for u, v in _OUTLINES[shape]], **style)
     else:
         raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
@@ -118,13 +128,16 @@ def render(scene: Scene, rng: np.random.Generator | None = None, side: int = SID
     scale = big / SIDE
     for obj in scene.objects:
         box = tuple(c * scale for c in object_box(obj, rng))
-        draw_shape(draw, obj.shape, box, PALETTE[obj.colour])
+        draw_shape(draw, obj.shape, box, PALETTE[obj.colour], round(OUTLINE_WIDTH * scale) if obj.outline else 0)
     return image.reduce(SUPERSAMPLE)
 
 
-def coverage(shape: str, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
-    """How much of each pixel of a ``size`` = (width, height) canvas ``shape`` drawn in ``box`` covers, in [0, 1]."""
+def coverage(shape: str, box: tuple[float, float, float, float], size: tuple[int, int],
+             outline: bool = False) -> np.ndarray:
+    """How much of each pixel of a ``size`` = (width, height) canvas ``shape`` drawn in ``box`` (filled, or as its
+    outline) covers, in [0, 1]."""
     width, height = size
     mask = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
-    draw_shape(ImageDraw.Draw(mask), shape, tuple(c * SUPERSAMPLE for c in box), 255)
+    draw_shape(ImageDraw.Draw(mask), shape, tuple(c * SUPERSAMPLE for c in box), 255,
+               OUTLINE_WIDTH * SUPERSAMPLE if outline else 0)
     return np.asarray(mask.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0

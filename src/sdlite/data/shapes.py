@@ -19,12 +19,16 @@ combinations; no object of a "train" sample is one of them, and every "held_out"
 
 Command line: ``python -m sdlite.data.shapes write DIR --count N --seed S`` writes DIR/000000.png with
 DIR/000000.txt (its caption) and so on, the folder layout ``sdlite train`` reads;
-``python -m sdlite.data.shapes describe IMAGE...`` prints what the detector reads.
+``python -m sdlite.data.shapes describe IMAGE...`` prints what the detector reads;
+``python -m sdlite.data.shapes evaluate [MODEL]`` scores a model on the held-out prompts and ``grid OUT [MODEL]``
+draws a sheet of its samples (``sdlite.data.quality``); ``adapt dreambooth|ti|lora`` trains and measures the
+adaptation examples (``sdlite.data.adapt``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -35,6 +39,7 @@ import torch
 from PIL import Image
 
 from ..checkpoint.write import atomic_path
+from ..errors import SdliteError
 from .detect import Description, Found, describe
 from .scene import ALL_SHAPES, COLOURS, EXTRA_SHAPES, PALETTE, POSITIONS, SHAPES, SIZES, Obj, Scene, render
 
@@ -120,11 +125,12 @@ def _scene(rng: np.random.Generator, split: str, shapes: Sequence[str], form: st
 
 
 def sample(rng: np.random.Generator | int, split: str = "train", shapes: Sequence[str] = SHAPES,
-           forms: dict[str, float] | None = None) -> Sample:
+           forms: dict[str, float] | None = None, outline: bool = False) -> Sample:
     """One (image, caption, scene) drawn from ``rng`` (a numpy Generator or a seed).
 
     ``split``: "train" (no held-out combination) or "held_out" (the first object drawn is a held-out combination).
-    ``shapes``: the shapes to draw from (e.g. ``("star",)`` for adaptation); ``forms``: caption form weights.
+    ``shapes``: the shapes to draw from (e.g. ``("star",)`` for adaptation); ``forms``: caption form weights;
+    ``outline``: draw the objects as outlines (the same scene and caption as without it, for the LoRA example).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -139,6 +145,8 @@ def sample(rng: np.random.Generator | int, split: str = "train", shapes: Sequenc
     weights = np.array([forms[n] for n in names], dtype=float)
     form = names[int(rng.choice(len(names), p=weights / weights.sum()))]
     scene = _scene(rng, split, tuple(shapes), form)
+    if outline:
+        scene = Scene(scene.background, tuple(dataclasses.replace(o, outline=True) for o in scene.objects))
     return Sample(render(scene, rng), caption(scene, form), scene)
 
 
@@ -147,11 +155,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     data. Items are ``Sample(image, caption, scene)``."""
 
     def __init__(self, n: int, seed: int = 0, split: str = "train", shapes: Sequence[str] = SHAPES,
-                 forms: dict[str, float] | None = None):
+                 forms: dict[str, float] | None = None, outline: bool = False):
         if n < 0:
             raise ValueError(f"a data set cannot have {n} samples")
         sample(np.random.default_rng(0), split, shapes, forms)  # checks the arguments now, not at the first item
         self.n, self.seed, self.split, self.shapes, self.forms = n, seed, split, tuple(shapes), forms
+        self.outline = outline
 
     def __len__(self) -> int:
         return self.n
@@ -160,18 +169,18 @@ class ShapesDataset(torch.utils.data.Dataset):
         if not -self.n <= i < self.n:
             raise IndexError(f"sample {i} of a data set of {self.n}")
         rng = np.random.default_rng([self.seed, SPLITS.index(self.split), i % self.n])
-        return sample(rng, self.split, self.shapes, self.forms)
+        return sample(rng, self.split, self.shapes, self.forms, self.outline)
 
 
 def dataset(n: int, seed: int = 0, split: str = "train", shapes: Sequence[str] = SHAPES,
-            forms: dict[str, float] | None = None) -> ShapesDataset:
-    return ShapesDataset(n, seed, split, shapes, forms)
+            forms: dict[str, float] | None = None, outline: bool = False) -> ShapesDataset:
+    return ShapesDataset(n, seed, split, shapes, forms, outline)
 
 
 def write(folder: str | os.PathLike, count: int, seed: int = 0, split: str = "train",
-          shapes: Sequence[str] = SHAPES, forms: dict[str, float] | None = None) -> list[Path]:
+          shapes: Sequence[str] = SHAPES, forms: dict[str, float] | None = None, outline: bool = False) -> list[Path]:
     """Write ``count`` samples as ``folder/000000.png`` + ``folder/000000.txt`` (the caption); returns the PNGs."""
-    data = dataset(count, seed, split, shapes, forms)
+    data = dataset(count, seed, split, shapes, forms, outline)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -187,7 +196,8 @@ def write(folder: str | os.PathLike, count: int, seed: int = 0, split: str = "tr
 
 def _describe_line(path: str) -> str:
     d = describe(Image.open(path))
-    objects = "; ".join(f"{f.obj.size} {f.obj.colour} {f.obj.shape} {f.obj.position} (fit {f.fit:.2f})"
+    objects = "; ".join(f"{f.obj.size} {f.obj.colour} {f.obj.shape}{' outline' * f.obj.outline} {f.obj.position} "
+                        f"(fit {f.fit:.2f})"
                         for f in d.found) or "no object"
     return f"{path}: {d.background} background ({d.background_share:.0%} of pixels): {objects}"
 
@@ -201,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--split", choices=SPLITS, default="train")
     w.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(ALL_SHAPES)}")
+    w.add_argument("--outline", action="store_true", help="draw the shapes as outlines only")
     d = sub.add_parser("describe", help="print what the detector reads in images")
     d.add_argument("images", nargs="+")
     t = sub.add_parser("train", help="train the built-in model from scratch (resumable; see sdlite.data.pretrain)")
@@ -209,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, default=90.0, help="stop (state saved) after this long")
     t.add_argument("--phase", choices=["decoder"], help="run only the decoder phase (beside the main run)")
+    from . import adapt, quality  # the model-facing commands; imported here, as they build on this module
+
+    quality.add_commands(sub)
+    adapt.add_command(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
@@ -216,13 +231,17 @@ def main(argv: list[str] | None = None) -> int:
             done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes,
                             phase=args.phase)
             return 0 if done or args.phase else 3
+        if args.command in ("evaluate", "grid"):
+            return quality.run_command(args)
+        if args.command == "adapt":
+            return adapt.run_command(args)
         if args.command == "write":
-            paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","))
+            paths = write(args.folder, args.count, args.seed, args.split, args.shapes.split(","), outline=args.outline)
             print(f"wrote {len(paths)} images with captions to {args.folder}")
         else:
             for path in args.images:
                 print(_describe_line(path))
-    except (ValueError, OSError) as e:
+    except (SdliteError, ValueError, OSError) as e:
         print(f"sdlite: error: {e}", file=sys.stderr)
         return 2
     return 0
