@@ -12,8 +12,9 @@ with its resumable state in a folder (``--state``, ``<out>.state`` by default):
 3. ``unet``: the UNet and the text encoder together with ``sdlite.train.denoising_loss`` (ε, SD's scaled-linear
    schedule, min-SNR-γ weighting), captions framed exactly as generation frames prompts (``encode_captions``), 10%
    of captions dropped for classifier-free guidance, AdamW with warm-up and a cosine tail, an EMA of the weights
-   (the EMA is what ships). Every ``eval_every`` steps the EMA model draws held-out prompts and the detector scores
-   them (``<out>.state/eval.csv``: the time-vs-quality curve).
+   (the EMA is what ships). Every ``eval_every`` steps the EMA model draws the one-object held-out prompts
+   (``quality.evaluate``, two seeds) and the log records its measures (``<out>.state/eval.csv``: the time-vs-quality
+   curve).
 
 A run stops by itself after ``--max-minutes`` (90 by default), saving its state; the same command continues it.
 Everything goes through the ordinary paths: the model is built by ``recipe.build``, saved by ``recipe.save`` and
@@ -39,7 +40,8 @@ from ..train.loss import denoising_loss
 from ..train.optim import EMA, lr_factor
 from ..train.report import LogRow, draw_loss_curve, write_csv
 from . import recipe
-from .shapes import HELD_OUT, dataset, describe
+from .quality import evaluate, held_out_prompts
+from .shapes import dataset
 
 
 @dataclass(frozen=True)
@@ -247,26 +249,6 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.T
 
 # --- phase 3: text encoder + UNet -------------------------------------------------------------------------------------
 
-def held_out_prompts() -> list[tuple[str, tuple[str, str, str]]]:
-    """One prompt per held-out (colour, shape, background) combination, in a fixed order."""
-    return [(f"a {c} {s} on a {b} background", (c, s, b)) for c, s, b in sorted(HELD_OUT)]
-
-
-@torch.no_grad()
-def score(pipe, seeds: tuple[int, ...] = (1, 2)) -> dict[str, float]:
-    """Background and object (colour + shape) accuracy on the held-out prompts: Euler a, 20 steps, CFG 5."""
-    bg = obj = n = 0
-    for prompt, (colour, shape, background) in held_out_prompts():
-        result = pipe.txt2img(prompt, steps=20, cfg_scale=5, sampler="Euler a", seed=seeds[0],
-                              batch_size=len(seeds))
-        for image in result.images:
-            d = describe(image)
-            n += 1
-            bg += d.background == background
-            obj += any(f.obj.colour == colour and f.obj.shape == shape for f in d.found)
-    return {"background": bg / n, "object": obj / n}
-
-
 def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[str], r: Recipe, folder: Path,
                clock: Clock, say) -> list[LogRow]:
     settings = _settings(r, "unet")
@@ -304,10 +286,10 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
                 f"{clock.elapsed / 60:.1f} min")
         if r.eval_every and step % r.eval_every == 0:
             with ema.swapped():
-                s = score(pipe)
+                s = evaluate(pipe, held_out_prompts(("one",)), seeds=2).measures()
             unet.requires_grad_(True)  # the pipeline may set inference flags
             text.requires_grad_(True)
-            say(f"eval at step {step}: background {s['background']:.0%}, object {s['object']:.0%}")
+            say(f"eval at step {step}: background {s['background']:.0%}, object {s['one_object']:.0%}")
             _append_eval(evals, step, clock.elapsed, s)
         if step % r.save_every == 0 or step == r.unet_steps or clock.up():
             _save(folder, settings, step, params, optimizer, generator, log, ema)
@@ -320,9 +302,9 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
 
 
 def _append_eval(path: Path, step: int, elapsed: float, s: dict[str, float]) -> None:
-    rows = list(csv.reader(path.open())) if path.exists() else [["step", "run_elapsed_s", "background", "object"]]
+    rows = list(csv.reader(path.open())) if path.exists() else [["step", "run_elapsed_s", "background", "one_object"]]
     rows = [row for row in rows if row[0] != str(step)]  # a resumed run evaluates that step again
-    rows.append([str(step), f"{elapsed:.0f}", f"{s['background']:.3f}", f"{s['object']:.3f}"])
+    rows.append([str(step), f"{elapsed:.0f}", f"{s['background']:.3f}", f"{s['one_object']:.3f}"])
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(rows)
 
