@@ -173,6 +173,9 @@ def test_unit_checks_and_keypoint_images(tmp_path):
     big = sdlite.InstantIDUnit(adapter, net, face, np.array(KPS) * 2, keypoints_size=(192, 128))
     expected = reference_draw_kps((192, 128), np.array(KPS) * 2).resize((96, 64), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(big.keypoint_image(96, 64)), np.asarray(expected))
+    # a hires pass at 192x128 of a 96x64 generation: the points are the generation's, the drawing is resized
+    expected = reference_draw_kps((96, 64), KPS).resize((192, 128), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(unit.keypoint_image(192, 128, canvas=(96, 64))), np.asarray(expected))
     drawn = sdlite.InstantIDUnit(adapter, net, face, reference_draw_kps((96, 64), KPS))
     assert np.array_equal(np.asarray(drawn.keypoint_image(96, 64)), np.asarray(unit.keypoint_image(96, 64)))
 

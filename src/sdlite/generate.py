@@ -197,7 +197,8 @@ class Generation:
         units = self.job.controlnets
         f = self.pipe.vae.config.downsample_factor
         height, width = noise.shape[1] * f, noise.shape[2] * f
-        identity = control_hook(self.job.ip_adapters, width, height, self.device, self.dtype)
+        identity = control_hook(self.job.ip_adapters, width, height, self.device, self.dtype,
+                                (self.job.width, self.job.height))
         if not units and identity is None:
             return None
         hints = [prepare_hint(u, width, height, device=self.device, dtype=self.dtype) for u in units]

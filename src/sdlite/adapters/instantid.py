@@ -45,10 +45,12 @@ class InstantIDUnit:
     ``adapter``: InstantID's adapter file or its loaded :class:`~sdlite.adapters.ip_adapter.IPAdapter` (variant
     "instantid"); ``controlnet``: the IdentityNet file or a loaded ControlNet. ``face_embedding``: the face's 512-d
     insightface embedding ([512] or [1, 512]; ``sdlite.adapters.face`` computes it). ``keypoints``: the five facial
-    keypoints (5 × (x, y) pixels, drawn with ``draw_kps`` on a ``keypoints_size`` canvas, by default the generation
-    size) or a keypoint image already drawn; an image or canvas of another size is resized to the generation size
-    (Lanczos, as the reference pipeline's control image processor does). ``ip_weight`` scales the face tokens'
-    attention, ``control_weight`` the IdentityNet's residuals; both act while ``start <= progress <= end``."""
+    keypoints (5 × (x, y) pixels, drawn with ``draw_kps`` on a ``keypoints_size`` canvas, by default the generation's
+    width × height) or a keypoint image already drawn; an image or canvas of another size (a hires pass's, say) is
+    resized to the pass's size (Lanczos, as the reference pipeline's control image processor does). ``ip_weight``
+    scales the face tokens' attention, ``control_weight`` the IdentityNet's residuals; both act while
+    ``start <= progress <= end``. Files given by path are loaded on the CPU in float32; for another device or dtype
+    load them with ``ip_adapter.load`` / ``controlnet.load`` (``device=``, ``dtype=``) and pass the modules."""
 
     adapter: IPAdapter | str | os.PathLike
     controlnet: ControlNet | str | os.PathLike
@@ -92,11 +94,12 @@ class InstantIDUnit:
         """The adapter half: an IP-Adapter unit over the face embedding (its tokens also feed the IdentityNet)."""
         return self._image_prompt
 
-    def keypoint_image(self, width: int, height: int) -> Image.Image:
-        """The IdentityNet's control image at the generation size."""
+    def keypoint_image(self, width: int, height: int, canvas: tuple[int, int] | None = None) -> Image.Image:
+        """The IdentityNet's control image for a ``width`` x ``height`` pass; keypoints are drawn on
+        ``keypoints_size``, else on ``canvas`` (the generation's size), else on the pass's size."""
         image = self.keypoints
         if not isinstance(image, Image.Image):
-            image = draw_kps(self.keypoints_size or (width, height), self.keypoints)
+            image = draw_kps(self.keypoints_size or canvas or (width, height), self.keypoints)
         image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
@@ -113,15 +116,16 @@ def networks(units: Sequence) -> list[ControlNet]:
     return [u.controlnet for u in units if isinstance(u, InstantIDUnit)]
 
 
-def control_hook(units: Sequence, width: int, height: int, device, dtype):
+def control_hook(units: Sequence, width: int, height: int, device, dtype, canvas: tuple[int, int] | None = None):
     """The IdentityNets' part of a pass's ControlNet hook, or None when ``units`` has no InstantID unit:
-    ``hook(x, t, y, cond_rows, step)`` → the summed residuals of the active units, or None."""
+    ``hook(x, t, y, cond_rows, step)`` → the summed residuals of the active units, or None. ``width`` x ``height``:
+    the pass's size; ``canvas``: the generation's, where keypoints given as points are drawn."""
     identities = [u for u in units if isinstance(u, InstantIDUnit)]
     if not identities:
         return None
     prepared = []
     for unit in identities:
-        pixels = np.asarray(unit.keypoint_image(width, height), dtype=np.float32) / 255.0
+        pixels = np.asarray(unit.keypoint_image(width, height, canvas), dtype=np.float32) / 255.0
         hint = torch.from_numpy(pixels).permute(2, 0, 1)[None].to(device, dtype)
         pos, neg = (t.to(device, dtype) for t in unit.image_prompt.tokens())
         prepared.append((unit, hint, pos, neg))
