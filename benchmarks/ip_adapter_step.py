@@ -105,11 +105,14 @@ def build_calls(spec: ModelSpec, size: int, variant: str, weight: float = 0.8, b
         ref.set_attn_processor(dict(ip_processors if with_adapter else plain_processors))
 
     extra = {"image_embeds": [features[:, None]]}
+
+    def diffusers_step(with_adapter: bool):
+        kwargs = {"added_cond_kwargs": extra} if with_adapter else {}
+        return lambda: switch(with_adapter), lambda: ref(x, t, encoder_hidden_states=context, **kwargs).sample
+
     return {"sdlite": (None, lambda: unet(x, t, context)),
             "sdlite + IP-Adapter": (None, lambda: unet(x, t, context, patches=[patch])),
-            "diffusers": (lambda: switch(False), lambda: ref(x, t, encoder_hidden_states=context).sample),
-            "diffusers + IP-Adapter": (lambda: switch(True),
-                                       lambda: ref(x, t, encoder_hidden_states=context, added_cond_kwargs=extra).sample)}
+            "diffusers": diffusers_step(False), "diffusers + IP-Adapter": diffusers_step(True)}
 
 
 def run(calls: dict, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:

@@ -179,6 +179,8 @@ def test_unit_checks_and_keypoint_images(tmp_path):
     drawn = sdlite.InstantIDUnit(adapter, net, face, reference_draw_kps((96, 64), KPS))
     assert np.array_equal(np.asarray(drawn.keypoint_image(96, 64)), np.asarray(unit.keypoint_image(96, 64)))
 
+    with pytest.raises(ValueError, match="start/end"):
+        sdlite.InstantIDUnit(adapter, net, face, KPS, start=0.6, end=0.2)
     with pytest.raises(ValueError, match="one 512-d embedding"):
         sdlite.InstantIDUnit(adapter, net, np.ones(128), KPS)
     with pytest.raises(ValueError, match="5 \\(x, y\\) points"):

@@ -17,7 +17,7 @@ does. A generation takes the unit among its image prompts::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -61,7 +61,6 @@ class InstantIDUnit:
     start: float = 0.0
     end: float = 1.0
     keypoints_size: tuple[int, int] | None = None
-    _image_prompt: IPAdapterUnit = field(init=False, repr=False)
 
     def __post_init__(self):
         if not isinstance(self.adapter, IPAdapter):
@@ -83,8 +82,8 @@ class InstantIDUnit:
         if not isinstance(self.keypoints, Image.Image) and np.asarray(self.keypoints).shape != (5, 2):
             raise ValueError("keypoints must be 5 (x, y) points or a keypoint image, got an array of shape "
                              f"{list(np.asarray(self.keypoints).shape)}")
-        self._image_prompt = IPAdapterUnit(self.adapter, weight=self.ip_weight, start=self.start, end=self.end,
-                                           face_embedding=self.face_embedding)
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
 
     def active(self, progress: float) -> bool:
         return self.start <= progress <= self.end
@@ -92,7 +91,8 @@ class InstantIDUnit:
     @property
     def image_prompt(self) -> IPAdapterUnit:
         """The adapter half: an IP-Adapter unit over the face embedding (its tokens also feed the IdentityNet)."""
-        return self._image_prompt
+        return IPAdapterUnit(self.adapter, weight=self.ip_weight, start=self.start, end=self.end,
+                             face_embedding=self.face_embedding)
 
     def keypoint_image(self, width: int, height: int, canvas: tuple[int, int] | None = None) -> Image.Image:
         """The IdentityNet's control image for a ``width`` x ``height`` pass; keypoints are drawn on
