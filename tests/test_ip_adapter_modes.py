@@ -19,10 +19,9 @@ from sdlite.adapters import ip_adapter
 from sdlite.adapters.controlnet import create_from_unet
 from sdlite.checkpoint.write import save_safetensors
 from sdlite.clip import load_vision, preprocess
-from sdlite.unet import UNetConfig
 
 from conftest import randomize_, rel_err
-from refpipe import LDM, CFG, Noise, batch, load_reference, max_pixel_diff, sample, write_model
+from refpipe import CFG, LDM, Noise, load_reference, max_pixel_diff, sample, write_model
 from sdfiles import UNETS
 from test_controlnet import diffusers_controlnet_config
 from test_instantid import reference_draw_kps
