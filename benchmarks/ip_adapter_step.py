@@ -14,7 +14,8 @@ diffusers' pipelines pass ``image_embeds`` to every UNet call, which projects th
 runs without the adapter with its default attention processors and no image projection, as before loading.
 
 Timings in one process, alternating (sdlite plain, sdlite + adapter, diffusers plain, diffusers + adapter, then
-again), so that every configuration sees the same machine state; medians over the rounds after the warm-up rounds.
+again), so that every configuration sees the same machine state; medians over the rounds after the warm-up rounds,
+of wall time and of this process's CPU time (on a core shared with other work, the CPU seconds are what compares).
 """
 
 from __future__ import annotations
@@ -115,20 +116,22 @@ def build_calls(spec: ModelSpec, size: int, variant: str, weight: float = 0.8, b
             "diffusers": diffusers_step(False), "diffusers + IP-Adapter": diffusers_step(True)}
 
 
-def run(calls: dict, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, torch.Tensor]]:
-    """Every call once per round, in ``CONFIGS`` order; the timings of the rounds after ``warmup`` and each
-    configuration's last output."""
-    times, outputs = {name: [] for name in CONFIGS}, {}
+def run(calls: dict, rounds: int, warmup: int) -> tuple[dict[str, dict[str, list[float]]], dict[str, torch.Tensor]]:
+    """Every call once per round, in ``CONFIGS`` order; per configuration the wall and CPU seconds (this process,
+    all its threads) of the rounds after ``warmup``, and each configuration's last output."""
+    times = {name: {"wall": [], "cpu": []} for name in CONFIGS}
+    outputs = {}
     with torch.inference_mode():
         for r in range(warmup + rounds):
             for name in CONFIGS:
                 prepare, call = calls[name]
                 if prepare is not None:
                     prepare()
-                start = time.perf_counter()
+                wall, cpu = time.perf_counter(), time.process_time()
                 outputs[name] = call()
                 if r >= warmup:
-                    times[name].append(time.perf_counter() - start)
+                    times[name]["wall"].append(time.perf_counter() - wall)
+                    times[name]["cpu"].append(time.process_time() - cpu)
     return times, outputs
 
 
@@ -145,15 +148,20 @@ def main(argv: list[str] | None = None) -> None:
     def rel(a, b):
         return float((outputs[a] - outputs[b]).norm() / outputs[b].norm())
 
-    median = {name: statistics.median(ts) for name, ts in times.items()}
     print(f"SD1.5 UNet step, batch 2, {args.size}x{args.size}, fp32, IP-Adapter {args.variant}, "
           f"{torch.get_num_threads()} thread(s), {machine_name('cpu')}; {args.rounds} rounds after {args.warmup}")
-    print("| configuration | median s | min-max s |\n|---|---|---|")
+    print("| configuration | wall median s (min-max) | CPU median s (min-max) |\n|---|---|---|")
+    median = {}
     for name in CONFIGS:
-        print(f"| {name} | {median[name]:.3f} | {min(times[name]):.3f}-{max(times[name]):.3f} |")
-    print(f"IP-Adapter cost per step: sdlite {median['sdlite + IP-Adapter'] / median['sdlite'] - 1:+.1%}, "
-          f"diffusers {median['diffusers + IP-Adapter'] / median['diffusers'] - 1:+.1%}; with the adapter "
-          f"sdlite/diffusers {median['sdlite + IP-Adapter'] / median['diffusers + IP-Adapter']:.3f}x")
+        wall, cpu = times[name]["wall"], times[name]["cpu"]
+        median[name] = {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+        print(f"| {name} | {median[name]['wall']:.3f} ({min(wall):.3f}-{max(wall):.3f}) | "
+              f"{median[name]['cpu']:.3f} ({min(cpu):.3f}-{max(cpu):.3f}) |")
+    for clock in ("cpu", "wall"):
+        m = {name: median[name][clock] for name in CONFIGS}
+        print(f"{clock}: IP-Adapter cost per step: sdlite {m['sdlite + IP-Adapter'] / m['sdlite'] - 1:+.1%}, "
+              f"diffusers {m['diffusers + IP-Adapter'] / m['diffusers'] - 1:+.1%}; with the adapter "
+              f"sdlite/diffusers {m['sdlite + IP-Adapter'] / m['diffusers + IP-Adapter']:.3f}x")
     print(f"outputs sdlite vs diffusers, rel. L2: plain {rel('sdlite', 'diffusers'):.1e}, with the adapter "
           f"{rel('sdlite + IP-Adapter', 'diffusers + IP-Adapter'):.1e}")
 
