@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from sdlite.adapters import ip_adapter
+from sdlite.adapters import image_proj, ip_adapter
 from sdlite.checkpoint.write import save_safetensors
 from sdlite.errors import CheckpointError
 from sdlite.unet import UNetConfig, UNetModel
@@ -29,17 +29,17 @@ def randomised(module, seed=0):
 
 # (variant, our projection, input features, the file's image_proj keys we must write, checked literally)
 CASES = {
-    "base": (lambda: ip_adapter.LinearProjection(96, 64, 4), torch.randn(2, 96),
+    "base": (lambda: image_proj.LinearProjection(96, 64, 4), torch.randn(2, 96),
              {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}),
-    "plus": (lambda: ip_adapter.Resampler(80, 128, 128, 16, 4, 512, 64), torch.randn(2, 17, 80),
+    "plus": (lambda: image_proj.Resampler(80, 128, 128, 16, 4, 512, 64), torch.randn(2, 17, 80),
              {"latents", "proj_in.weight", "layers.0.0.norm1.weight", "layers.0.0.to_kv.weight",
               "layers.3.0.to_out.weight", "layers.2.1.0.bias", "layers.1.1.1.weight", "layers.0.1.3.weight",
               "proj_out.weight", "norm_out.bias"}),
-    "full-face": (lambda: ip_adapter.TokenMLP(80, 64), torch.randn(2, 17, 80),
+    "full-face": (lambda: image_proj.TokenMLP(80, 64), torch.randn(2, 17, 80),
                   {"proj.0.weight", "proj.2.weight", "proj.3.weight", "proj.3.bias"}),
-    "faceid": (lambda: ip_adapter.FaceIDProjection(512, 1024, 64, 4), torch.randn(2, 512),
+    "faceid": (lambda: image_proj.FaceIDProjection(512, 1024, 64, 4), torch.randn(2, 512),
                {"proj.0.weight", "proj.2.bias", "norm.weight"}),
-    "instantid": (lambda: ip_adapter.Resampler(512, 128, 128, 16, 4, 512, 96), torch.randn(2, 512),
+    "instantid": (lambda: image_proj.Resampler(512, 128, 128, 16, 4, 512, 96), torch.randn(2, 512),
                   {"latents", "proj_in.weight", "layers.0.0.to_q.weight"}),
 }
 
@@ -118,8 +118,8 @@ def adapter_file(ours, variant, seed, embed_dim=48):
     """A random IP-Adapter file for ``ours``: the variant's image_proj and k/v projections for every attn2."""
     order = ip_adapter.processor_order(ours)
     context = ours.config.context_dim
-    build = {"base": lambda: ip_adapter.LinearProjection(embed_dim, context, 4),
-             "plus": lambda: ip_adapter.Resampler(embed_dim, 64, 64, 16, 4, 256, context)}[variant]
+    build = {"base": lambda: image_proj.LinearProjection(embed_dim, context, 4),
+             "plus": lambda: image_proj.Resampler(embed_dim, 64, 64, 16, 4, 256, context)}[variant]
     proj = randomised(build(), seed)
     nested = {"image_proj": dict(proj.state_dict()), "ip_adapter": {}}
     g = torch.Generator().manual_seed(seed + 1)

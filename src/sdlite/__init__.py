@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .errors import CheckpointError, SdliteError, ShapeMismatchError, UnsafePickleError
 from .adapters.controlnet import ControlUnit
+from .adapters.instantid import InstantIDUnit
 from .adapters.ip_adapter import IPAdapterUnit
 from .adapters.t2i_adapter import T2IAdapterUnit
 from .conditioning import Conditioning
@@ -18,5 +19,5 @@ from .pipeline import StableDiffusion, load
 __version__ = "0.1.0"
 version = __version__
 
-__all__ = ["load", "read_infotext", "StableDiffusion", "Conditioning", "ControlUnit", "IPAdapterUnit", "T2IAdapterUnit", "Hires", "Result",
+__all__ = ["load", "read_infotext", "StableDiffusion", "Conditioning", "ControlUnit", "IPAdapterUnit", "InstantIDUnit", "T2IAdapterUnit", "Hires", "Result",
            "SdliteError", "CheckpointError", "ShapeMismatchError", "UnsafePickleError", "version", "__version__"]

@@ -123,7 +123,9 @@ class Generation:
         x = first * sigma if x_init is None else x_init + first * sigma
         # The UNet and its ControlNets are on the device for the sampling loop alone (offload); the refiner's prompts
         # are encoded before it starts, and its UNet replaces the base one when it takes over.
-        visit = pipe.using(pipe.unet, *(u.net for u in job.controlnets))
+        from .adapters.instantid import networks
+
+        visit = pipe.using(pipe.unet, *(u.net for u in job.controlnets), *networks(job.ip_adapters))
         if job.refiner is not None:
             refiner = job.refiner
             f = pipe.vae.config.downsample_factor
@@ -153,12 +155,14 @@ class Generation:
     def _attention_patches(self):
         """The attention patches of ``UNetCall``: the IP-Adapter units (their image tokens computed once per
         generation, every pass sharing them) and the prompt's hypernetworks."""
-        units = self.job.ip_adapters
-        if not units and not self.hypernetworks:
+        if not self.job.ip_adapters and not self.hypernetworks:
             return None
         if self._patch_hook is None:
             from .adapters import hypernetwork
+            from .adapters.instantid import image_prompts
             from .adapters.ip_adapter import patch_hook
+
+            units = image_prompts(self.job.ip_adapters)  # InstantID units: their adapter half
 
             images = patch_hook(units, self.pipe.unet) if units else (lambda rows, step: None)
             hyper = None
@@ -186,18 +190,25 @@ class Generation:
 
     def _control(self, noise: ImageNoise):
         """The ControlNet hook of ``UNetCall``: hints prepared once for this pass's size; units gated by the sampling
-        progress of the step object."""
-        units = self.job.controlnets
-        if not units:
-            return None
+        progress of the step object. InstantID's IdentityNets add their residuals (their context: the face tokens)."""
         from .adapters.controlnet import control_residuals, prepare_hint
+        from .adapters.instantid import control_hook
 
+        units = self.job.controlnets
         f = self.pipe.vae.config.downsample_factor
         height, width = noise.shape[1] * f, noise.shape[2] * f
+        identity = control_hook(self.job.ip_adapters, width, height, self.device, self.dtype,
+                                (self.job.width, self.job.height))
+        if not units and identity is None:
+            return None
         hints = [prepare_hint(u, width, height, device=self.device, dtype=self.dtype) for u in units]
 
         def control(x, t, context, y, cond_rows, step: StepState):
-            return control_residuals(units, hints, x, t, context, y, progress=step.progress, cond=cond_rows)
+            total = control_residuals(units, hints, x, t, context, y, progress=step.progress, cond=cond_rows)
+            extra = identity(x, t, y, cond_rows, step) if identity is not None else None
+            if total is None or extra is None:
+                return total if extra is None else extra
+            return [a + b.to(a.dtype) for a, b in zip(total, extra)]
 
         return control
 

@@ -81,7 +81,8 @@ class Job:
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
     controlnets: list = field(default_factory=list)
-    ip_adapters: list = field(default_factory=list)  # sdlite.IPAdapterUnit: image prompts on the base model's UNet
+    # sdlite.IPAdapterUnit / InstantIDUnit: image prompts on the base model's UNet (InstantID also adds its IdentityNet)
+    ip_adapters: list = field(default_factory=list)
     t2i_adapters: list = field(default_factory=list)  # sdlite.T2IAdapterUnit: features added to the UNet encoder
     refiner: object | None = None  # a loaded "sdxl-refiner" StableDiffusion: takes over after refiner_switch_at
     refiner_switch_at: float = 0.8
