@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -86,7 +87,7 @@ class Region:
         """The area at latent size [rows, columns] in [0, 1] for a ``width``×``height`` generation."""
         if self.mask is not None:
             small = self.mask.convert("L").resize((columns, rows), Image.Resampling.BILINEAR)
-            return torch.tensor(list(small.getdata()), dtype=torch.float32).reshape(rows, columns) / 255
+            return torch.from_numpy(np.asarray(small, dtype=np.float32) / 255)
         x, y, w, h = self.fractions(width, height)
         left, top = round(x * columns), round(y * rows)
         right, bottom = max(round((x + w) * columns), left + 1), max(round((y + h) * rows), top + 1)
