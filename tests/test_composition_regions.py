@@ -5,6 +5,8 @@ itself, so the latents are the fused prediction)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +133,21 @@ def test_region_input_checks(model):
     with pytest.raises(FileNotFoundError, match="nope"):
         pipe.txt2img("p", width=64, height=48, steps=1, regions=[Region("x", (0, 0, 1, 1), loras=[("nope", 1)])])
     assert pipe.loras == []
+
+
+def test_cli_tiles_and_regions_round_trip_through_the_infotext(model, tmp_path):
+    from sdlite.cli import main as cli_main
+    from sdlite.infotext import read_infotext
+
+    path, first, again = str(model.folder / "model.safetensors"), tmp_path / "a.png", tmp_path / "b.png"
+    assert cli_main(["txt2img", path, "a street", "--width", "96", "--height", "48", "--steps", "2", "--seed", "5",
+                     "--tile", "6:4:gaussian", "--region", "0,0,48,48:a man", "--region", "0.5,0,0.5,1:a woman",
+                     "--region-bootstrap", "0.5", "-o", str(first)]) == 0
+    params = read_infotext(first)
+    assert (params["Tile size"], params["Tile stride"], params["Tile weights"]) == ("6", "4", "gaussian")
+    assert params["Region bootstrap"] == "0.5"
+    assert json.loads(params["Regions"]) == [{"prompt": "a man", "box": [0, 0, 48, 48]},
+                                             {"prompt": "a woman", "box": [0.5, 0, 0.5, 1]}]
+    assert cli_main(["txt2img", path, "--from-png", str(first), "-o", str(again)]) == 0
+    assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
+    assert cli_main(["txt2img", path, "x", "--tile", "64", "--region", "1,2:oops", "-o", str(again)]) == 2
