@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 import sdlite
+
 from sdlite.composition.regions import LoraSwitch, Region, RegionalDenoiser
 from sdlite.guidance import StepState
 
@@ -151,3 +152,14 @@ def test_cli_tiles_and_regions_round_trip_through_the_infotext(model, tmp_path):
     assert cli_main(["txt2img", path, "--from-png", str(first), "-o", str(again)]) == 0
     assert np.array_equal(np.asarray(Image.open(first)), np.asarray(Image.open(again)))
     assert cli_main(["txt2img", path, "x", "--tile", "64", "--region", "1,2:oops", "-o", str(again)]) == 2
+
+
+def test_regions_compose_with_tiles(model):
+    """Regions wrap the guided denoisers, tiles the denoiser inside them: one whole-image region over a tiled
+    generation is the tiled plain prompt."""
+    pipe = model.pipe
+    tiles = sdlite.Tiles(size=4, stride=3, batch=2)
+    plain = pipe.txt2img("a red circle", "fog", tiling=tiles, **KW)
+    regional = pipe.txt2img("anything", regions=[Region("a red circle", (0, 0, 1, 1), negative="fog")],
+                            tiling=tiles, **KW)
+    assert torch.equal(regional.latents, plain.latents)

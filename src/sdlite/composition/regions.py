@@ -8,8 +8,8 @@ on the whole latent and the predictions are fused per pixel::
     D(x; σ) = (b · D_base + Σ_i w_i m_i · D_i) / (b + Σ_i w_i m_i)
 
 The base prompt is evaluated only where b > 0 somewhere. Bootstrapping (MultiDiffusion's option for tight masks):
-during the first ``region_bootstrap`` share of the sampler steps, region i sees m_i·x + (1 − m_i)·(c + σ·ε) instead of
-x, c the latent of a random solid colour (a new draw at every call) and ε one fixed noise image.
+during the first ``region_bootstrap`` share of the sampler steps, region i sees m_i·x + (1 − m_i)·(c + σ·ε)
+instead of x, c the latent of a random solid colour (a new draw at every call) and ε one fixed noise image.
 
 A region's LoRAs (``loras=[(file, weight)]`` and ``<lora:…>`` tags in its prompt) are injected at strength 0 for the
 generation and switched on only while its prompt is encoded and while its own UNet evaluations run. Cost: one UNet

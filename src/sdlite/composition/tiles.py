@@ -42,7 +42,8 @@ class Tiles:
 
     def check(self) -> None:
         if not isinstance(self.size, int) or not isinstance(self.stride, int) or self.size < 1:
-            raise ValueError(f"Tiles: size and stride are whole numbers of latent pixels, got {self.size}, {self.stride}")
+            raise ValueError(f"Tiles: size and stride are whole numbers of latent pixels, got {self.size}, "
+                             f"{self.stride}")
         if not 1 <= self.stride <= self.size:
             raise ValueError(f"Tiles: the stride must lie in [1, size={self.size}] so that windows overlap or touch, "
                              f"got {self.stride}")
