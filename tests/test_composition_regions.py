@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 import sdlite
-
 from sdlite.composition.regions import LoraSwitch, Region, RegionalDenoiser
 from sdlite.guidance import StepState
 
