@@ -145,7 +145,9 @@ class Generation:
 
     def _guided(self, pipe, step: StepState, cond_at, *, image_cond=None, control=None, mask=None,
                 x_init=None, features=None) -> GuidedDenoiser:
-        """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass."""
+        """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass; with
+        ``tiling`` a TiledDenoiser wraps the Denoiser, with regions a RegionalDenoiser fuses one GuidedDenoiser per
+        region (``sdlite.composition``)."""
         # Image prompts are the base model's: their projections fit its UNet, not a refiner's.
         patches = self._attention_patches() if pipe is self.pipe else None
         unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches,
