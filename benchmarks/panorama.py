@@ -40,7 +40,7 @@ _TINY_VAE = dict(vae=dict(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
 # A small SD1 layout (64 channels, two levels, attention at the second, a 2-layer 64-wide CLIP) for a CPU run.
 SMALL = ModelSpec("small-sd1", "sd1", 512,
                   dict(in_channels=4, out_channels=4, model_channels=64, channel_mult=(1, 2), num_res_blocks=(1, 1),
-                       transformer_depth_middle=1, transformer_depth=(0, 1), transformer_depth_output=(0, 0, 1, 1),
+                       transformer_depth_middle=1, transformer_depth=(0, 1), transformer_depth_output=(1, 1, 0, 0),
                        context_dim=64, use_linear_in_transformer=False, head_dim=64),
                   dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[64, 128],
                        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
