@@ -66,14 +66,14 @@ def load(case: str, spec: ModelSpec, path: str, device: str, dtype: torch.dtype)
     return load_pipeline("sdlite", spec, path, device, dtype)
 
 
-def call(case: str, pipe, steps: int, batch: int):
+def call(case: str, pipe, steps: int, batch: int, width: int = WIDTH, height: int = HEIGHT):
     if case == "diffusers panorama":
-        return lambda: pipe(PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_inference_steps=steps,
+        return lambda: pipe(PROMPT, negative_prompt=NEGATIVE, height=height, width=width, num_inference_steps=steps,
                             guidance_scale=CFG_SCALE, view_batch_size=batch,
                             generator=torch.Generator().manual_seed(SEED)).images[0]
     import sdlite
 
-    size = dict(width=WIDTH, height=HEIGHT, tiling=sdlite.Tiles(WINDOW, STRIDE, batch=batch)) \
+    size = dict(width=width, height=height, tiling=sdlite.Tiles(WINDOW, STRIDE, batch=batch)) \
         if case == "sdlite panorama" else dict(width=WINDOW * 8, height=WINDOW * 8)
     # A1111's DDIM (sdlite's) makes one model call fewer than its step count: steps + 1 makes as many as diffusers.
     return lambda: pipe.txt2img(PROMPT, NEGATIVE, steps=steps + 1, sampler="DDIM", cfg_scale=CFG_SCALE, seed=SEED,
@@ -90,13 +90,14 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def memory_worker(case: str, spec_name: str, path: str, device: str, dtype: str, steps: int, batch: int) -> None:
+def memory_worker(case: str, spec_name: str, path: str, device: str, dtype: str, steps: int, batch: int,
+                  width: int, height: int) -> None:
     """One case in this fresh process: its peak memory above the loaded pipeline, printed as JSON."""
     pipe = load(case, SPECS[spec_name], path, device, DTYPES[dtype])
     loaded = torch.cuda.memory_allocated() if device.startswith("cuda") else peak_rss()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    timed(call(case, pipe, steps, batch), device)
+    timed(call(case, pipe, steps, batch, width, height), device)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss()
     print(json.dumps({"case": case, "peak_above_loaded_bytes": peak - loaded}))
 
@@ -109,12 +110,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--width", type=int, default=WIDTH)
+    p.add_argument("--height", type=int, default=HEIGHT)
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        return memory_worker(args.worker, args.model, args.path, args.device, args.dtype, args.steps, args.batch)
+        return memory_worker(args.worker, args.model, args.path, args.device, args.dtype, args.steps, args.batch,
+                             args.width, args.height)
     spec = SPECS[args.model]
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as folder:
         path = os.path.join(folder, f"{spec.name}.safetensors")
@@ -122,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         write_tokenizer(tokenizer_dir(path))
         pipes = {case: load(case, spec, path, args.device, DTYPES[args.dtype]) for case in CASES}
         for case in CASES:  # warm-up: one step at the timed shapes
-            timed(call(case, pipes[case], 1, args.batch), args.device)
-        calls = {case: call(case, pipes[case], args.steps, args.batch) for case in CASES}
+            timed(call(case, pipes[case], 1, args.batch, args.width, args.height), args.device)
+        calls = {case: call(case, pipes[case], args.steps, args.batch, args.width, args.height) for case in CASES}
         times: dict[str, list[float]] = {case: [] for case in CASES}
         for _ in range(args.reps):  # alternating, so that both see the same machine state
             for case in CASES:
@@ -133,13 +137,14 @@ def main(argv: list[str] | None = None) -> None:
         for case in CASES:
             out = subprocess.run([sys.executable, "-m", "benchmarks.panorama", "--worker", case, "--path", path,
                                   "--model", args.model, "--device", args.device, "--dtype", args.dtype,
-                                  "--steps", "1", "--batch", str(args.batch)],
+                                  "--steps", "1", "--batch", str(args.batch), "--width", str(args.width),
+                                  "--height", str(args.height)],
                                  capture_output=True, text=True, check=True)
             memory[case] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_loaded_bytes"]
-    windows = len(__import__("sdlite").Tiles(WINDOW, STRIDE).windows(HEIGHT // 8, WIDTH // 8))
+    windows = len(__import__("sdlite").Tiles(WINDOW, STRIDE).windows(args.height // 8, args.width // 8))
     median = {case: statistics.median(t) for case, t in times.items()}
     print(f"{machine_name(args.device)}; model {spec.name}, {args.dtype}, DDIM {args.steps} steps, CFG, "
-          f"{WIDTH}x{HEIGHT}, windows {WINDOW}/{STRIDE} latents ({windows}), {args.batch} per UNet call\n")
+          f"{args.width}x{args.height}, windows {WINDOW}/{STRIDE} latents ({windows}), {args.batch} per UNet call\n")
     print("| case | s per image (median of %d) | peak memory above the loaded model |" % args.reps)
     print("|---|---|---|")
     for case in CASES:
