@@ -19,6 +19,7 @@ import time
 from PIL import Image
 
 from .checkpoint.write import check_output
+from .composition.record import options_from_infotext as composition_options, parse_region, parse_tile
 from .images import write_png
 from .progress import ProgressLine
 from .tools import commands as tools
@@ -71,6 +72,7 @@ def options_from_png(path: str) -> tuple[str, dict]:
         options["use_old_scheduling"] = True  # A1111 changed prompt-editing timelines in 1.6.0 (its backcompat rule)
     if options.get("rng") not in (None, "CPU", "GPU", "NV"):
         del options["rng"]
+    options.update(composition_options(params))  # Tile size/stride/weights, Regions, Region bootstrap
     return params.get("Prompt", ""), options
 
 
@@ -106,6 +108,10 @@ def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> Non
                    help='a latent mode, "Lanczos", or an upscaler file ("R-ESRGAN 4x+", "4x-UltraSharp")')
     p.add_argument("--upscaler-dir", action="append", default=[], help="where upscaler files are looked up")
     p.add_argument("--hires-strength", type=float, default=None)
+    p.add_argument("--tile", default=None, help="MultiDiffusion windows SIZE:STRIDE in latents, e.g. 64:48 "
+                   "(add :gaussian for Mixture of Diffusers weights, :circular for a 360° panorama)")
+    p.add_argument("--region", action="append", default=[], help='"x,y,w,h:prompt" (pixels or fractions); repeat')
+    p.add_argument("--region-bootstrap", type=float, default=None, help="share of steps with bootstrapping")
     if image:
         p.add_argument("--strength", type=float, default=None, help="denoising strength")
     if mask:
@@ -155,6 +161,12 @@ def _options(args: argparse.Namespace) -> tuple[str, dict]:
     for flag in ("invert_mask", "only_masked", "use_old_scheduling"):
         if getattr(args, flag, False):
             options[flag] = True
+    if args.tile is not None:
+        options["tiling"] = parse_tile(args.tile)
+    if args.region:
+        options["regions"] = [parse_region(text) for text in args.region]
+    if args.region_bootstrap is not None:
+        options["region_bootstrap"] = args.region_bootstrap
     if args.hires_scale is not None or "hires" in options:
         hires = dict(options.get("hires", {}))
         for key, value in (("scale", args.hires_scale), ("steps", args.hires_steps),

@@ -14,6 +14,7 @@ refiner's), which calls the sampler's :class:`~sdlite.schedulers.Denoiser`, whic
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from dataclasses import dataclass, replace
@@ -25,6 +26,9 @@ from PIL import Image
 
 from . import images as im
 from . import upscalers
+from .composition.record import infotext_params as composition_params
+from .composition.regions import RegionalConds, RegionalPrompts
+from .composition.tiles import TiledDenoiser
 from .guidance import GuidedDenoiser, Handoff, StepState
 from .init_image import masked_pixels, prepare_image
 from .job import IMAGE_UPSCALERS, LATENT_UPSCALE_MODES, Hires, Job, Result, resolve_seed
@@ -59,7 +63,7 @@ class Generation:
         self.subseeds = [self.subseed + i for i in range(job.batch_size)] if job.subseed_strength else None
         self.device, self.dtype = pipe.device, pipe.dtype
         self.sampler = get_sampler(job.sampler)
-        self.prompts = Prompts(job)
+        self.prompts = RegionalPrompts(job) if job.regions else Prompts(job)
         self.loras = self.prompts.loras(pipe.lora_dirs)
         self.hypernetworks = self.prompts.hypernetworks(pipe.hypernetwork_dirs)
         self.lora_hashes: str | None = None
@@ -143,14 +147,21 @@ class Generation:
 
     def _guided(self, pipe, step: StepState, cond_at, *, image_cond=None, control=None, mask=None,
                 x_init=None, features=None) -> GuidedDenoiser:
-        """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass."""
+        """sampler → GuidedDenoiser → Denoiser → UNetCall → ``pipe.unet``, for one model of the pass; with
+        ``tiling`` a TiledDenoiser wraps the Denoiser, with regions a RegionalDenoiser fuses one GuidedDenoiser per
+        region (``sdlite.composition``)."""
         # Image prompts are the base model's: their projections fit its UNet, not a refiner's.
         patches = self._attention_patches() if pipe is self.pipe else None
         unet_call = UNetCall(pipe.unet, step, image_cond=image_cond, control=control, patches=patches,
                              features=features)
         denoiser = self.sampler.make_denoiser(unet_call, pipe.prediction)
-        return GuidedDenoiser(denoiser, cond_at, self.job.cfg_scale, step, mask=mask, init_latent=x_init,
-                              batch=self.job.cfg_batch)
+        if self.job.tiling is not None:  # MultiDiffusion: the prediction fused over windows (sdlite.composition)
+            denoiser = TiledDenoiser(denoiser, self.job.tiling)
+        guided = functools.partial(GuidedDenoiser, denoiser, cfg_scale=self.job.cfg_scale, step=step, mask=mask,
+                                   init_latent=x_init, batch=self.job.cfg_batch)
+        if isinstance(cond_at, RegionalConds):  # regional prompts: one guided denoiser per region, fused
+            return self.prompts.denoiser(guided, cond_at, step, seed=self.seed, encode=self.encode)
+        return guided(cond_at)
 
     def _attention_patches(self):
         """The attention patches of ``UNetCall``: the IP-Adapter units (their image tokens computed once per
@@ -203,9 +214,10 @@ class Generation:
             return None
         hints = [prepare_hint(u, width, height, device=self.device, dtype=self.dtype) for u in units]
 
-        def control(x, t, context, y, cond_rows, step: StepState):
-            total = control_residuals(units, hints, x, t, context, y, progress=step.progress, cond=cond_rows)
-            extra = identity(x, t, y, cond_rows, step) if identity is not None else None
+        def control(x, t, context, y, cond_rows, step: StepState, windows=None):
+            cut = hints if windows is None else [windows.crop(h, x.shape[0]) for h in hints]
+            total = control_residuals(units, cut, x, t, context, y, progress=step.progress, cond=cond_rows)
+            extra = identity(x, t, y, cond_rows, step, windows) if identity is not None else None
             if total is None or extra is None:
                 return total if extra is None else extra
             return [a + b.to(a.dtype) for a, b in zip(total, extra)]
@@ -229,6 +241,8 @@ class Generation:
         self.lora_hashes = ", ".join(f"{re.sub('[:,]', '', name)}: {h.hash}"
                                      for (name, *_), h in zip(self.loras, handles)) or None
         try:
+            if isinstance(self.prompts, RegionalPrompts):  # region LoRAs: injected at strength 0, switched per call
+                handles += self.prompts.attach(self.pipe)
             return self._run()
         finally:
             for handle in reversed(handles):
@@ -353,6 +367,7 @@ class Generation:
             strengths = [m for _, _, m in self.hypernetworks]
             params["Hypernet strength"] = None if all(m == 1 for m in strengths) else \
                 ", ".join(format(m, "g") for m in strengths)
+        params.update(composition_params(job))
         params.update(self.prompts.infotext_params())
         params["Version"] = f"sdlite {__import__('sdlite').__version__}"
         return create_infotext(job.prompt, job.negative_prompt, params)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from . import images as im
+from .composition import check_composition
 from .conditioning import EMPHASIS_MODES
 from .rng import SOURCES
 from .schedulers import resolve_schedule
@@ -96,6 +97,11 @@ class Job:
     # VAE in overlapping tiles (sdlite.vae.tiling): True for the default tiles, an int for a tile of that many
     # latents (that many times the downsample factor in pixels when encoding), a multiple of 4 for the 1/4 overlap.
     vae_tiling: bool | int = False
+    # Composition (sdlite.composition): MultiDiffusion windows (sdlite.Tiles), regional prompts (sdlite.Region) and
+    # the share of the first sampler steps whose regions see a bootstrapping background (MultiDiffusion §4.2).
+    tiling: object | None = None
+    regions: list = field(default_factory=list)
+    region_bootstrap: float = 0.0
 
     def check(self) -> None:
         im.check_size(self.width, self.height)
@@ -117,6 +123,7 @@ class Job:
                              f"{self.init_image.size[0]}x{self.init_image.size[1]}")
         if self.refiner is not None and not 0.0 < self.refiner_switch_at < 1.0:
             raise ValueError(f"refiner_switch_at must lie in (0, 1), got {self.refiner_switch_at}")
+        check_composition(self)
         if self.hires is not None:
             upscaler = self.hires.upscaler
             if not isinstance(upscaler, torch.nn.Module) and upscaler not in LATENT_UPSCALE_MODES \

@@ -10,6 +10,9 @@ the pass's :class:`~sdlite.guidance.StepState`:
 - ``patches(cond_rows, step)`` → the attention patches of this evaluation or None (``UNetModel.forward(patches=)``,
   the cross-attention extension point: IP-Adapter tokens, regional masks, …), built per call because they depend
   on the step (start/end ranges) and on which rows are conditional.
+
+When the batch holds windows of the latent (MultiDiffusion, ``sdlite.composition.tiles``), ``windows`` says which:
+the image conditioning is cropped to them here, and the control hook is given them to crop its hints.
 """
 
 from __future__ import annotations
@@ -43,8 +46,11 @@ class UNetCall(nn.Module):
         self.control, self.patches, self.features = control, patches, features
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                cond_rows: torch.Tensor | None = None) -> torch.Tensor:
-        residuals = None if self.control is None else self.control(x, t, context, y, cond_rows, self.step)
+                cond_rows: torch.Tensor | None = None, windows=None) -> torch.Tensor:
+        residuals = None
+        if self.control is not None:
+            where = {} if windows is None else {"windows": windows}
+            residuals = self.control(x, t, context, y, cond_rows, self.step, **where)
         extra = {}
         if self.patches is not None:
             patches = self.patches(cond_rows, self.step)
@@ -55,6 +61,9 @@ class UNetCall(nn.Module):
             if features:
                 extra["features"] = features
         if self.image_cond is not None:
-            reps = x.shape[0] // self.image_cond.shape[0]
-            x = torch.cat([x, self.image_cond.repeat(reps, 1, 1, 1).to(x)], dim=1)
+            if windows is not None:
+                image_cond = windows.crop(self.image_cond, x.shape[0])
+            else:
+                image_cond = self.image_cond.repeat(x.shape[0] // self.image_cond.shape[0], 1, 1, 1)
+            x = torch.cat([x, image_cond.to(x)], dim=1)
         return self.unet(x, t, context, y=y, control=residuals, **extra)

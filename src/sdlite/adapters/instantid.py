@@ -118,8 +118,9 @@ def networks(units: Sequence) -> list[ControlNet]:
 
 def control_hook(units: Sequence, width: int, height: int, device, dtype, canvas: tuple[int, int] | None = None):
     """The IdentityNets' part of a pass's ControlNet hook, or None when ``units`` has no InstantID unit:
-    ``hook(x, t, y, cond_rows, step)`` → the summed residuals of the active units, or None. ``width`` x ``height``:
-    the pass's size; ``canvas``: the generation's, where keypoints given as points are drawn."""
+    ``hook(x, t, y, cond_rows, step, windows=None)`` → the summed residuals of the active units, or None (``windows``:
+    MultiDiffusion's tiles, whose crops of the keypoint image go with the rows). ``width`` x ``height``: the pass's
+    size; ``canvas``: the generation's, where keypoints given as points are drawn."""
     identities = [u for u in units if isinstance(u, InstantIDUnit)]
     if not identities:
         return None
@@ -130,7 +131,8 @@ def control_hook(units: Sequence, width: int, height: int, device, dtype, canvas
         pos, neg = (t.to(device, dtype) for t in unit.image_prompt.tokens())
         prepared.append((unit, hint, pos, neg))
 
-    def hook(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cond_rows: torch.Tensor | None, step):
+    def hook(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cond_rows: torch.Tensor | None, step,
+             windows=None):
         total = None
         for unit, hint, pos, neg in prepared:
             if unit.control_weight == 0 or not unit.active(step.progress):
@@ -141,7 +143,8 @@ def control_hook(units: Sequence, width: int, height: int, device, dtype, canvas
             else:
                 tokens = torch.where(cond_rows.to(pos.device)[:, None, None], pos[None], neg[None])
             adm = y if net.config.adm_in_channels is not None else None
-            outs = net(x[:, :net.config.in_channels], hint.expand(batch, -1, -1, -1), t, tokens, adm)
+            rows = hint.expand(batch, -1, -1, -1) if windows is None else windows.crop(hint, batch)
+            outs = net(x[:, :net.config.in_channels], rows, t, tokens, adm)
             outs = [out * unit.control_weight for out in outs]
             total = outs if total is None else [a + b.to(a.dtype) for a, b in zip(total, outs)]
         return total
