@@ -58,7 +58,7 @@ def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, checkp
 
     import sdlite.train
     from sdlite.train.lora_layers import attach
-    from sdlite.train.optim import checkpointed_blocks
+    from sdlite.train.optim import channels_last_kernels, checkpointed_blocks
     from sdlite.train.lora_targets import lora_targets
 
     unet = load_sdlite("unet", spec, path, device, dtype).requires_grad_(False)
@@ -72,6 +72,9 @@ def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, checkp
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     i = step_inputs(spec, batch, device, dtype)
     unet.train()
+    # The kernels' memory order for the trainer's life, as sdlite.train's loop holds it for a run.
+    layout = contextlib.ExitStack()
+    layout.enter_context(channels_last_kernels(unet))
 
     def step() -> float:
         with checkpointed_blocks(unet) if checkpointing else contextlib.nullcontext():
@@ -81,6 +84,7 @@ def sdlite_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, checkp
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
+    step.layout = layout  # the context lives as long as the step function
     return step, layers
 
 

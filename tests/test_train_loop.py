@@ -1,6 +1,6 @@
 """The training loop's pieces against references: learning-rate schedules against diffusers' get_scheduler, the EMA
-against diffusers' EMAModel, gradient checkpointing against the plain backward pass; gradient accumulation, sample
-images with their infotext, the loss curve."""
+against diffusers' EMAModel, gradient checkpointing and channels-last kernels against the plain backward pass;
+gradient accumulation, sample images with their infotext, the loss curve."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sdlite
 import sdlite.train
 from sdlite.train.api import build_run
 from sdlite.train.lora import LoraMethod
-from sdlite.train.optim import EMA, checkpointed_blocks, lr_scheduler
+from sdlite.train.optim import EMA, channels_last_kernels, checkpointed_blocks, lr_scheduler
 from sdlite.train.report import LogRow, draw_loss_curve
 from sdlite.unet import UNetConfig, UNetModel
 
@@ -80,6 +80,26 @@ def test_checkpointed_blocks_give_the_same_gradients():
     assert not any("forward" in vars(b) for b in [*unet.input_blocks, unet.middle_block, *unet.output_blocks])
 
 
+def test_channels_last_kernels_give_the_same_gradients_and_restore_the_layout():
+    unet = randomize_(UNetModel(UNetConfig(**UNETS["sd1"])), 2).train()
+    unet.input_blocks.requires_grad_(False)  # as with LoRA: the first layers need no input gradient
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 128, generator=g)
+    kernels = [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+
+    def grads():
+        unet.zero_grad()
+        unet(x, torch.tensor([10, 700]), context).square().mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+    plain = grads()
+    with channels_last_kernels(unet):
+        assert all(k.is_contiguous(memory_format=torch.channels_last) for k in kernels)
+        ordered = grads()
+    assert all(rel_err(ordered[n], plain[n]) < 1e-5 for n in plain)
+    assert all(k.is_contiguous() for k in kernels)
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m.safetensors"
@@ -107,7 +127,11 @@ def test_gradient_accumulation_equals_the_larger_batch(pipe, tmp_path):
                         batch_size=2, grad_accum=1, **common).execute()
     assert accumulated.losses == pytest.approx(batched.losses, rel=1e-5)
     a, b = (sdlite.checkpoint.open_tensor_file(r.output) for r in (accumulated, batched))
-    assert all(rel_err(a.read(k), b.read(k)) < 1e-4 for k in a.keys() if "lora_up" in k)
+    ups = sorted(k for k in a.keys() if "lora_up" in k)
+    assert rel_err(torch.cat([a.read(k).flatten() for k in ups]), torch.cat([b.read(k).flatten() for k in ups])) < 1e-4
+    # Per tensor the bound is looser: batch-of-1 and batch-of-2 convolutions sum in different orders, and Adam
+    # divides each gradient entry by its own magnitude, which magnifies that noise where a gradient is near zero.
+    assert all(rel_err(a.read(k), b.read(k)) < 1e-3 for k in ups)
 
 
 def test_samples_carry_their_infotext(pipe, tmp_path):

@@ -36,7 +36,7 @@ from ..checkpoint.write import atomic_path, check_output, save_safetensors
 from ..errors import SdliteError
 from .batches import Batch, Batches, adm_vector, encode_captions
 from .loss import denoising_loss, rescale_zero_terminal_snr, training_alphas
-from .optim import EMA, checkpointed_blocks, lr_factor, lr_scheduler
+from .optim import EMA, channels_last_kernels, checkpointed_blocks, lr_factor, lr_scheduler
 from .report import LogRow, draw_loss_curve, write_csv, write_samples
 
 PRECISIONS = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -176,17 +176,20 @@ class Run:
         flags = [(p, p.requires_grad) for module in modules for p in module.parameters()]
         for module in modules:
             module.requires_grad_(False)
-        # New parameters are initialised from the run's seed (and the caller's global generator is left alone), so
-        # that a run is the same whatever ran before it in the process.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            groups = self.method.attach(pipe)
-        try:
-            return self._train(groups)
-        finally:
-            self.method.detach()
-            for p, flag in flags:
-                p.requires_grad_(flag)
+        # The kernels change memory order before the method sees them, so that a distributed method's gradient
+        # buckets are laid out as the gradients will be.
+        with channels_last_kernels(pipe.unet):
+            # New parameters are initialised from the run's seed (and the caller's global generator is left alone),
+            # so that a run is the same whatever ran before it in the process.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                groups = self.method.attach(pipe)
+            try:
+                return self._train(groups)
+            finally:
+                self.method.detach()
+                for p, flag in flags:
+                    p.requires_grad_(flag)
 
     def _train(self, groups: list[dict]) -> Result:
         c, pipe = self.config, self.pipe
