@@ -41,28 +41,8 @@ drawing one sample (``shapes.sample``)              1       0.27 ms             
 With two threads in one process at that load, the steps ran 4-10x slower than on one thread (oversubscription);
 on an idle machine the two-thread rate should be measured again before fixing the step counts.
 
-Proposed recipe (seeded; resumable runs of at most 90 minutes; about 3 CPU-hours in all):
-
-1. Data: draw the training set once (50 000 samples of the "train" split, 15 s) and keep it in memory.
-2. VAE, 40 min: 32x32 random crops (the VAE is convolutional and flat shapes look alike at any crop; 4x cheaper
-   than whole images), batch 64, AdamW lr 1e-3 (warmup 200 steps, cosine to 1e-4), betas (0.9, 0.99), loss
-   L1 + MSE + 1e-6 KL, about 5 000 steps; then 5 min on whole 64x64 images so the middle attention sees the full
-   8x8 latent. Target: L1 below 0.02 on held-out images, and the detector reading decoded images as it reads the
-   originals.
-3. Latent scale: sdlite reads SD 1.x latents with the family's fixed factor 0.18215, so the file must fit it instead
-   of carrying its own: ``fit_latent_scale`` below reparametrises the trained VAE so that 0.18215 times its latents
-   has unit standard deviation, as latent diffusion's ``scale_by_std`` measures it (decoded images do not change).
-4. Cache latents: encode the 50 000 images once (mean and std; ~6 min), sample z = mean + std · ε per step.
-5. Text encoder + UNet, 125 min (run 1: phases 1-4, 50 min, then 35 min of this; run 2: the other 90 min):
-   ``sdlite.train.denoising_loss`` (ε, SD's scaled-linear schedule); captions framed exactly as the pipeline frames
-   prompts for SD 1.x (start token, text, end token padded with end tokens to 77; last layer through the final
-   LayerNorm), so ``encode_prompt`` gives at inference what the UNet saw in training; batch 64, AdamW lr 1e-3 (UNet) and 5e-4 (text encoder), weight decay 0.01, warmup 500 steps, constant, cosine
-   over the last 20%, min-SNR-γ 5, captions dropped to "" 10% of the time (for CFG 5), EMA 0.999 from step 1000
-   (the EMA weights are shipped), about 1.4 M samples / 22 000 steps at the measured ~190 samples/s. Evaluate
-   every 2 000 steps on held-out prompts with ``describe`` (20 Euler a steps, CFG 5).
-6. Save in float16 with ``save`` below (modelspec metadata, "64x64").
-
-On a GPU the same recipe runs in minutes; there, batch 256 and whole 64x64 images for the VAE.
+The recipe as it was run to make the shipped file is ``sdlite.data.pretrain`` (phases, settings, the command); the
+README's "The built-in model" section has its times, losses and the quality it reached.
 """
 
 from __future__ import annotations
