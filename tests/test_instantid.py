@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sdlite.adapters import keypoints
+from sdlite.adapters.annotators import draw
 
 COLOR_LIST = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
 
@@ -57,20 +58,20 @@ def test_opencv_primitives_are_bit_exact():
     for angle in range(-400, 800, 13):
         for axes in [(0, 0), (1, 4), (37, 4), (5000, 3000)]:
             center = (int(rng.integers(-50, 300)), int(rng.integers(-50, 300)))
-            assert np.array_equal(keypoints.ellipse_polygon(center, axes, angle),
+            assert np.array_equal(draw.ellipse_poly(center, axes, angle),
                                   cv2.ellipse2Poly(center, axes, angle, 0, 360, 1))
     for _ in range(100):
         center = (int(rng.integers(-20, 80)), int(rng.integers(-20, 80)))
-        polygon = keypoints.ellipse_polygon(center, (int(rng.integers(0, 60)), int(rng.integers(0, 8))),
+        polygon = draw.ellipse_poly(center, (int(rng.integers(0, 60)), int(rng.integers(0, 8))),
                                             int(rng.integers(-180, 180)))
         image = np.zeros((64, 70, 3))
-        expected = cv2.fillConvexPoly(image.copy(), polygon, (255, 0, 0))
-        keypoints.fill_convex_polygon(image, polygon, (255, 0, 0))
+        expected = cv2.fillConvexPoly(image.copy(), np.array(polygon, np.int32), (255, 0, 0))
+        draw.fill_convex_poly(image, polygon, (255, 0, 0))
         assert np.array_equal(image, expected)
         image = np.zeros((64, 70, 3), np.uint8)
         radius = int(rng.integers(0, 15))
         expected = cv2.circle(image.copy(), center, radius, (1, 2, 3), -1)
-        keypoints.fill_circle(image, center, radius, (1, 2, 3))
+        draw.fill_circle(image, center, radius, (1, 2, 3))
         assert np.array_equal(image, expected)
 
 
