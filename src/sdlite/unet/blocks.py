@@ -33,14 +33,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
-def repeat_rows(t: torch.Tensor, repeats: int) -> torch.Tensor:
-    """``repeats`` copies of the batch ``t`` one after the other (as a CFG batch stacks its parts), in ``t``'s memory
-    layout (channels-last maps stay channels-last for the convolutions that follow)."""
-    if repeats == 1:
-        return t
-    return torch.cat([t] * repeats)
-
-
 def normalization(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=eps)
 
@@ -107,12 +99,8 @@ class GEGLU(nn.Module):
         return value * F.gelu(gate)
 
 
-# Rows of tokens per feed-forward chunk on the CPU: the GEGLU projection of a chunk is at most FF_CHUNK_BYTES, but a
-# chunk has at least FF_MIN_ROWS rows: each chunk reads the two weight matrices (13-52 MB from 320 to 1280 channels)
-# from memory anew, which costs more than the products of fewer rows (at 16x16 and 32x32 latents, 204-409 rows
-# per chunk took 1.15-1.25x the time of 512 or more, one thread).
+# Rows of tokens per feed-forward chunk on the CPU: the GEGLU projection of a chunk is at most this many bytes.
 FF_CHUNK_BYTES = 8 << 20
-FF_MIN_ROWS = 512
 
 
 class FeedForward(nn.Module):
@@ -128,7 +116,7 @@ class FeedForward(nn.Module):
         # and glibc gives blocks above 32 MiB fresh pages on every call, whose page faults cost as much as the
         # products. Chunks of tokens keep them small enough to be reused from the heap (and in cache).
         rows = x.shape[:-1].numel()
-        step = max(FF_MIN_ROWS, FF_CHUNK_BYTES // (self.hidden * x.element_size()))
+        step = max(1, FF_CHUNK_BYTES // (self.hidden * x.element_size()))
         if rows <= step:
             return self.net(x)
         flat = x.reshape(rows, x.shape[-1])
@@ -153,12 +141,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, patches: Sequence[AttentionPatch] | None = None,
-                size: tuple[int, int] | None = None, repeats: int = 1) -> torch.Tensor:
-        """``repeats`` > 1: ``x`` holds the distinct rows of a batch made of ``repeats`` copies of them (the UNet's
-        shared CFG prefix); they are repeated after the self-attention, where the context first makes rows differ."""
+                size: tuple[int, int] | None = None) -> torch.Tensor:
         x = x + self.attn1(self.norm1(x), None, patches, size)
-        if repeats > 1:
-            x = repeat_rows(x, repeats)
         x = x + self.attn2(self.norm2(x), context, patches, size)
         return x + self.ff(self.norm3(x))
 
@@ -178,8 +162,7 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor,
-                patches: Sequence[AttentionPatch] | None = None, repeats: int = 1) -> torch.Tensor:
-        """``repeats``: as in ``BasicTransformerBlock``; the result has ``repeats`` times the rows of ``x``."""
+                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
         b, _, h, w = x.shape
         # SD 1.x projects with 1x1 convolutions, SD 2.x/XL with Linear layers: each is called on the input it is
         # made for (the feature map or the tokens), so that a wrapped projection behaves as the layer it wraps. On a
@@ -192,15 +175,15 @@ class SpatialTransformer(nn.Module):
         tokens = h_in.permute(0, 2, 3, 1).reshape(b, h * w, -1)
         if self.use_linear:
             tokens = self.proj_in(tokens)
-        for i, block in enumerate(self.transformer_blocks):
-            tokens = block(tokens, context, patches, (h, w), repeats if i == 0 else 1)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, patches, (h, w))
         if self.use_linear:
             tokens = self.proj_out(tokens)
         # [B, H*W, C] -> [B, C, H, W] as a channels-last view, added without a layout change
-        out = tokens.reshape(b * repeats, h, w, -1).permute(0, 3, 1, 2)
+        out = tokens.reshape(b, h, w, -1).permute(0, 3, 1, 2)
         if not self.use_linear:
             out = self.proj_out(out)
-        return repeat_rows(x, repeats) + out
+        return x + out
 
 
 class TimestepBlock(nn.Sequential):
@@ -217,16 +200,10 @@ class TimestepBlock(nn.Sequential):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None,
                 size: tuple[int, int] | None = None,
-                patches: Sequence[AttentionPatch] | None = None, repeats: int = 1) -> torch.Tensor:
-        """``repeats`` > 1: ``x`` holds the distinct rows of a batch of ``repeats`` copies, whose embeddings are the
-        first rows of ``emb`` (the UNet's shared CFG prefix, ``UNetModel.shared_rows``); the first SpatialTransformer
-        repeats them, a block without one keeps them."""
+                patches: Sequence[AttentionPatch] | None = None) -> torch.Tensor:
         for inputs, layer in zip(self.inputs, self):
             if inputs == "emb":
-                x = layer(x, emb if repeats == 1 else emb[:emb.shape[0] // repeats])
-            elif inputs == "context" and repeats > 1:
-                x = layer(x, context, patches, repeats)
-                repeats = 1
+                x = layer(x, emb)
             elif inputs == "context":
                 x = layer(x, context, patches)
             elif inputs == "size":

@@ -9,8 +9,7 @@ from torch import nn
 
 from ..conv import Conv2d
 from .attention import AttentionPatch, name_attention_layers
-from .blocks import (Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, repeat_rows,
-                     timestep_embedding)
+from .blocks import Downsample, ResBlock, SpatialTransformer, TimestepBlock, Upsample, normalization, timestep_embedding
 from .config import UNetConfig, UNetEncoderConfig
 
 
@@ -132,16 +131,8 @@ class UNetModel(nn.Module):
         h = x.to(dtype)
         skips = []
         features = features or {}
-        repeats, split = self.shared_rows(h, emb, patches, features)
-        if repeats > 1:
-            h = h[:h.shape[0] // repeats]
         for i, block in enumerate(self.input_blocks):
-            if i <= split:
-                h = block(h, emb, context, patches=patches, repeats=repeats)
-            else:
-                h = block(h, emb, context, patches=patches)
-            if i == split:  # the rows differ from here on: the shared skips are repeated to the whole batch
-                skips = [repeat_rows(s, repeats) for s in skips]
+            h = block(h, emb, context, patches=patches)
             if i in features:
                 h = h + features[i].to(dtype)
             skips.append(h)
@@ -157,29 +148,3 @@ class UNetModel(nn.Module):
             h = torch.cat([h, skip], dim=1)
             h = block(h, emb, context, size=skips[-1].shape[-2:] if skips else None, patches=patches)
         return self.out(h).to(x.dtype)
-
-    def shared_rows(self, x: torch.Tensor, emb: torch.Tensor, patches: Sequence[AttentionPatch] | None,
-                    features: Mapping[int, torch.Tensor]) -> tuple[int, int]:
-        """(repeats, block) of the shared CFG prefix, or (1, -1) where there is none.
-
-        With classifier-free guidance the batch is ``repeats`` copies of the same latents at the same timestep (the
-        cond and uncond rows), which differ only in their text context. Up to the first cross-attention (``attn2``
-        of the first transformer block, in input block ``block``) every layer works row by row on equal inputs, so
-        that part (the input convolution, the first ResBlocks and self-attention: at SD1's 64x64 level the most
-        expensive self-attention of the UNet) is computed once for the distinct rows and then repeated, exact up to
-        float32 rounding. The rows are compared rather than trusted: the latents, and the time (+ ADM) embeddings,
-        which differ per row for SDXL's vector conditioning. CPU eager only: the comparison would make a GPU wait
-        and breaks a compiled graph. Off with attention patches (they may treat rows differently from the first
-        layer on) and with T2I-Adapter features before that block.
-        """
-        b = x.shape[0]
-        if b < 2 or patches or x.device.type != "cpu" or torch.compiler.is_compiling():
-            return 1, -1
-        split = next((i for i, block in enumerate(self.input_blocks)
-                      if any(type(layer) is SpatialTransformer for layer in block)), None)
-        if split is None or any(i < split for i in features):
-            return 1, -1
-        for rows in range(1, b // 2 + 1):
-            if b % rows == 0 and torch.equal(x[rows:], x[:-rows]) and torch.equal(emb[rows:], emb[:-rows]):
-                return b // rows, split
-        return 1, -1
