@@ -35,7 +35,7 @@ import torch
 from ..checkpoint.files import open_tensor_file
 from ..checkpoint.write import atomic_path, save_safetensors
 from ..train.batches import encode_captions
-from ..train.loop import load_state, save_state
+from ..train.loop import restore_state, save_state, state_tensors
 from ..train.loss import denoising_loss
 from ..train.optim import EMA, lr_factor
 from ..train.report import LogRow, draw_loss_curve, write_csv
@@ -126,24 +126,13 @@ def _resume(folder: Path, settings: dict, params: dict, optimizer, generator, em
     """(step, log) from a saved phase state, restoring the weights, optimiser, generator (and EMA) in place."""
     if not (folder / "state.json").exists():
         return 0, []
-    state = load_state(folder, settings)
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(state["tensors"][name])
-    if ema is not None:
-        ema.shadow = {n: state["tensors"][f"ema.{n}"].float() for n in params}
-        ema.updates = state["step"]
-    optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["rng"]["generator"])
+    state = restore_state(folder, settings, params, optimizer, generator, ema)
     return state["step"], state["log"]
 
 
 def _save(folder: Path, settings: dict, step: int, params: dict, optimizer, generator, log, ema=None) -> None:
-    tensors = {n: p.detach() for n, p in params.items()}
-    if ema is not None:
-        tensors |= {f"ema.{n}": t for n, t in ema.shadow.items()}
-    save_state(folder, step=step, tensors=tensors, optimizer=optimizer, generator=generator, scaler_state={},
-               log=log, settings=settings)
+    save_state(folder, step=step, tensors=state_tensors(params, ema), optimizer=optimizer, generator=generator,
+               scaler_state={}, log=log, settings=settings)
 
 
 # --- phase 1: the autoencoder ----------------------------------------------------------------------------------------
@@ -184,7 +173,8 @@ def train_vae(vae, images: torch.Tensor, r: Recipe, folder: Path, clock: Clock, 
         step += 1
         log.append(LogRow(step, l1, optimizer.param_groups[0]["lr"], clock.elapsed))
         if step % 50 == 0:
-            say(f"vae step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  {clock.elapsed / 60:.1f} min")
+            say(f"vae step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  "
+                f"{clock.elapsed / 60:.1f} min")
         if step % r.save_every == 0 or step == total or clock.up():
             _save(folder, settings, step, params, optimizer, generator, log)
             if clock.up() and step < total:
@@ -256,7 +246,8 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
     unet.requires_grad_(True).train()
     text.requires_grad_(True).train()
     params = {f"unet.{n}": p for n, p in unet.named_parameters()} | {f"text.{n}": p for n, p in text.named_parameters()}
-    groups = [{"params": list(unet.parameters()), "lr": r.unet_lr}, {"params": list(text.parameters()), "lr": r.text_lr}]
+    groups = [{"params": list(unet.parameters()), "lr": r.unet_lr},
+              {"params": list(text.parameters()), "lr": r.text_lr}]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.01)
     ema = EMA(params.items(), r.ema_decay)
     generator = torch.Generator().manual_seed(r.seed + 2)

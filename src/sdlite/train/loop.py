@@ -256,25 +256,14 @@ class Run:
     # --- resumable state ------------------------------------------------------------------------------------------
 
     def _save_state(self, params, optimizer, scheduler, scaler, ema) -> None:
-        tensors = {n: p.detach() for n, p in params.items()}
-        if ema is not None:
-            tensors |= {f"ema.{n}": t for n, t in ema.shadow.items()}
-        save_state(Path(self.config.state_dir), step=self.step, tensors=tensors, optimizer=optimizer,
+        save_state(Path(self.config.state_dir), step=self.step, tensors=state_tensors(params, ema), optimizer=optimizer,
                    generator=self.generator, scaler_state=scaler.state_dict() if scaler.is_enabled() else {},
                    log=self.log, settings=self.settings | {"ema_updates": ema.updates if ema else 0})
 
     def _resume(self, folder: Path, params, optimizer, scheduler, scaler, ema) -> None:
-        state = load_state(folder, self.settings)
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(state["tensors"][name])
-        if ema is not None:
-            ema.shadow = {n: state["tensors"][f"ema.{n}"].float() for n in params}
-            ema.updates = state["step"]
-        optimizer.load_state_dict(state["optimizer"])
+        state = restore_state(folder, self.settings, params, optimizer, self.generator, ema)
         if state["scaler"] and scaler.is_enabled():
             scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"], self.generator)
         self.step, self.log = state["step"], state["log"]
         c = self.config
         scheduler.last_epoch = self.step
@@ -321,6 +310,30 @@ def load_state(folder: Path, settings: dict) -> dict:
     optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
     return {"step": meta["step"], "tensors": tensors, "optimizer": optimizer, "rng": rng, "scaler": meta["scaler"],
             "log": [LogRow(**r) for r in meta["log"]]}
+
+
+def state_tensors(params: dict[str, nn.Parameter], ema: EMA | None) -> dict[str, torch.Tensor]:
+    """What a state folder keeps of the trained weights: each by name, and its moving average as ``ema.<name>``."""
+    tensors = {n: p.detach() for n, p in params.items()}
+    if ema is not None:
+        tensors |= {f"ema.{n}": t for n, t in ema.shadow.items()}
+    return tensors
+
+
+def restore_state(folder: Path, settings: dict, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                  generator: torch.Generator, ema: EMA | None = None) -> dict:
+    """Load a saved state (``load_state``) into the weights, their EMA, the optimiser and the generators, in place;
+    returns it for what the caller restores itself (step, log, GradScaler)."""
+    state = load_state(folder, settings)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(state["tensors"][name])
+    if ema is not None:
+        ema.shadow = {n: state["tensors"][f"ema.{n}"].float() for n in params}
+        ema.updates = state["step"]
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"], generator)
+    return state
 
 
 def restore_rng(rng: dict[str, torch.Tensor], generator: torch.Generator) -> None:
