@@ -10,6 +10,7 @@ import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline, UNet2DConditionModel)
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -63,6 +64,11 @@ def test_checkpoint_keeps_the_original_layout(models, trained, family):
     text = [k for k in saved if k.startswith(("cond_stage_model.", "conditioner."))]
     changed = any(not torch.equal(saved[k], original[k]) for k in text)
     assert changed == (family == "sd1")  # --train-text-encoder on SD1 only
+    # the file says what it was trained at, so generation defaults to that size (not the family's 512/1024)
+    with safe_open(str(result.output), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.resolution"] == "64x64" and metadata["sdlite_method"] == "dreambooth"
+    assert sdlite.load(result.output).native_size == 64
     folder = result.output.with_name("db-class")
     assert sorted(p.name for p in folder.iterdir()) == ["class-00000.png", "class-00001.png"]
 

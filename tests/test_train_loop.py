@@ -100,6 +100,17 @@ def test_channels_last_kernels_give_the_same_gradients_and_restore_the_layout():
     assert all(k.is_contiguous() for k in kernels)
 
 
+def test_channels_last_kernels_release_the_mapped_file(pipe):
+    """A loaded model's tensors are views of the mapped checkpoint; for the run every UNet tensor gets memory of its
+    own (the mapping's pages would otherwise stay resident next to the kernels' copies), the same values."""
+    unet = pipe.unet
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in unet.named_parameters()}
+    with channels_last_kernels(unet):
+        moved = {n: p.data_ptr() != before[n][0] and torch.equal(p, before[n][1]) for n, p in unet.named_parameters()}
+    assert all(moved.values()), [n for n, ok in moved.items() if not ok][:5]
+    assert all(torch.equal(p, before[n][1]) for n, p in unet.named_parameters())
+
+
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "m.safetensors"

@@ -76,8 +76,13 @@ class FullFineTune(Method):
         return {f"{m}.{n}": p for m, module in self.modules.items() for n, p in module.named_parameters()}
 
     def save(self, r: Run, path: Path) -> Path:
-        return save_checkpoint(r.pipe, path, SAVE_DTYPES[self.save_dtype],
-                               {"sdlite_method": "dreambooth", "step": str(r.step)})
+        side = r.batches.data.resolution
+        # the base file's description (modelspec.*: resolution, architecture …) stays true of the fine-tuned one;
+        # without it a small model's file would be generated at the family's 512 px instead of its own size
+        metadata = {k: v for k, v in r.pipe.metadata.items() if not k.startswith("ss_")}
+        metadata |= {"sdlite_method": "dreambooth", "step": str(r.step),
+                     "modelspec.title": path.stem, "modelspec.resolution": f"{side}x{side}"}
+        return save_checkpoint(r.pipe, path, SAVE_DTYPES[self.save_dtype], metadata)
 
     def detach(self) -> None:
         for module in self.modules.values():

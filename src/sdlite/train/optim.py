@@ -107,11 +107,18 @@ def channels_last_kernels(module: nn.Module) -> Iterator[None]:
     on every forward and every backward call: about half the time of a LoRA step at SD 1.5 sizes, spent on the
     1280-channel kernels. With the kernels in channels-last order those copies go away. The values do not change,
     only their order in memory, which is the default again on exit (the inference paths read kernels in place).
+
+    Every tensor of the module is copied into memory of its own, not only the kernels: a loaded model's tensors
+    are views of the mapped checkpoint file, and a mapping stays (with every page read through it counted in the
+    process's resident memory) while any tensor read through it lives. Converting only the kernels kept both their
+    mapped pages and their copies: 1.7 GB more peak RSS for SD 1.5's UNet.
     """
     if next(module.parameters()).device.type != "cpu":
         yield
         return
-    module.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            t.data = t.data.clone(memory_format=torch.channels_last if t.dim() == 4 else torch.contiguous_format)
     try:
         yield
     finally:
