@@ -3,6 +3,7 @@
     python -m benchmarks.train_step                    # CPU, fp32, batch 1 at 512x512, rank 16
     python -m benchmarks.train_step --reps 5 --json train_step.json
     python -m benchmarks.train_step --checkpointing     # both sides with gradient checkpointing (less memory)
+    python -m benchmarks.train_step --alternate --reps 6  # time only: both in one process, steps alternating
 
 A step is what LoRA training repeats: noise the latents to a timestep of the scaled-linear schedule, run the UNet
 with a text context, take the MSE to the noise, backpropagate into the LoRA weights and make an AdamW step. Both
@@ -21,7 +22,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
+import tempfile
 import time
 import zlib
 
@@ -29,7 +32,7 @@ import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
 from benchmarks.measure import peak_rss, sd15_unet_in_fresh_processes
-from benchmarks.models import DTYPES, MODELS, ModelSpec
+from benchmarks.models import DTYPES, MODELS, ModelSpec, write_checkpoint
 from benchmarks.suite import machine_name
 
 RANK, ALPHA = 16, 8.0
@@ -142,6 +145,25 @@ def worker(impl: str, spec: ModelSpec, path: str, device: str, dtype_name: str, 
             "reps": reps, "first_step_s": times[0], "peak_bytes": peak, "losses": losses, "lora_layers": len(layers)}
 
 
+def alternating(spec: ModelSpec, path: str, device: str, dtype_name: str, batch: int, warmup: int, reps: int,
+                checkpointing: bool = False) -> dict:
+    """Both trainers in this process, their steps alternating (diffusers, sdlite, diffusers, …), so that both see
+    the same machine state; the time ratio of each round, and their median. Peak memory is not separable here."""
+    made = {impl: make(spec, path, device, DTYPES[dtype_name], batch, checkpointing)[0]
+            for impl, make in (("diffusers", diffusers_trainer), ("sdlite", sdlite_trainer))}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times: dict[str, list[float]] = {impl: [] for impl in made}
+    for _ in range(warmup + reps):
+        for impl, step in made.items():
+            sync()
+            start = time.perf_counter()
+            step()
+            sync()
+            times[impl].append(time.perf_counter() - start)
+    rounds = [s / d for s, d in zip(times["sdlite"][warmup:], times["diffusers"][warmup:])]
+    return {"times": times, "round_ratios": rounds, "median_ratio": statistics.median(rounds)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -152,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing of the UNet blocks on both sides (less memory, more time)")
+    parser.add_argument("--alternate", action="store_true",
+                        help="time both in one process, steps alternating (time only; the default fresh processes "
+                             "measure each one's peak memory)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", choices=["sdlite", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -160,6 +185,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, spec, args.weights, args.device, args.dtype, args.batch, args.warmup,
                                 args.reps, args.checkpointing)))
+        return
+    if args.alternate:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = os.path.join(tmp, "sd15_unet.safetensors")
+            write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
+            r = alternating(spec, weights, args.device, args.dtype, args.batch, args.warmup, args.reps,
+                            args.checkpointing)
+        print(f"SD1.5 LoRA training step (rank {RANK}), batch {args.batch}, {args.size}x{args.size}, {args.dtype}, "
+              f"one process, alternating, {machine_name(args.device)}")
+        for impl, t in r["times"].items():
+            print(f"  {impl:9s} " + ", ".join(f"{x:.2f}" for x in t[args.warmup:]) + " s")
+        print("  sdlite/diffusers per round: " + ", ".join(f"{x:.3f}" for x in r["round_ratios"]) +
+              f"; median {r['median_ratio']:.3f}x")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), **r}, f, indent=2)
         return
     flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
              "--warmup", str(args.warmup), "--reps", str(args.reps)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.models import write_checkpoint
-from benchmarks.train_step import diffusers_trainer, sdlite_trainer, worker
+from benchmarks.train_step import alternating, diffusers_trainer, sdlite_trainer, worker
 
 from test_benchmarks import TINY
 
@@ -36,3 +36,13 @@ def test_worker_reports_time_and_memory(tmp_path, monkeypatch):
     write_checkpoint(path, spec, components=("unet",), dtype=torch.float32)
     result = worker("sdlite", spec, path, "cpu", "fp32", 1, warmup=1, reps=1)
     assert result["median_s"] > 0 and result["peak_bytes"] > 0 and len(result["losses"]) == 2
+
+
+def test_alternating_rounds_time_both(tmp_path):
+    spec = TINY["tiny-sd1"]
+    path = str(tmp_path / "unet.safetensors")
+    write_checkpoint(path, spec, components=("unet",), dtype=torch.float32)
+    result = alternating(spec, path, "cpu", "fp32", 1, warmup=1, reps=2)
+    assert {k: len(v) for k, v in result["times"].items()} == {"diffusers": 3, "sdlite": 3}
+    expected = [s / d for s, d in zip(result["times"]["sdlite"][1:], result["times"]["diffusers"][1:])]
+    assert result["round_ratios"] == pytest.approx(expected)
