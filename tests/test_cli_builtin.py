@@ -7,6 +7,7 @@ reading, on a random-weight model of the built-in architecture put where the pac
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -114,3 +115,35 @@ def test_a_checkpoint_file_is_not_taken_for_a_prompt(loads, files, tmp_path, cap
     code, _ = _run(["txt2img", files / "other.safetensors"], tmp_path)
     assert code == 2 and not loads
     assert "is a checkpoint file, not a prompt" in capsys.readouterr().err
+
+
+def test_lora_tags_and_embeddings_from_the_command_line(loads, files, tmp_path, capsys):
+    """``--lora-dir`` is where ``<lora:name:w>`` is looked up, ``--embeddings`` what names a prompt may use."""
+    from safetensors.torch import save_file
+
+    from sdlite.tools.extract import extract_lora
+
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    extract_lora(files / "other.safetensors", files / "shapes.safetensors", output=loras / "style.safetensors",
+                 rank=4)
+    emb = tmp_path / "thing.safetensors"
+    save_file({"emb_params": torch.randn(2, 64, generator=torch.Generator().manual_seed(0))}, str(emb))
+
+    def pixels(argv, name):
+        code, out = _run(argv, tmp_path, name)
+        assert code == 0, capsys.readouterr().err
+        return np.asarray(Image.open(out), dtype=np.int16)
+
+    plain = pixels(["txt2img", PROMPT], "plain.png")
+    tagged = pixels(["txt2img", PROMPT + " <lora:style:1>", "--lora-dir", loras], "lora.png")
+    off = pixels(["txt2img", PROMPT + " <lora:style:0>", "--lora-dir", loras], "lora0.png")
+    assert np.abs(tagged - plain).max() > 0 and np.abs(off - plain).max() <= 1
+    assert "style" in Image.open(tmp_path / "lora.png").info["parameters"]  # the tag stays in the infotext
+    word = pixels(["txt2img", "a thing", "--embeddings", emb], "emb.png")
+    assert np.abs(word - pixels(["txt2img", "a thing"], "word.png")).max() > 0
+    code, _ = _run(["txt2img", PROMPT + " <lora:style:1>"], tmp_path, "nodir.png")  # not looked up anywhere
+    assert code == 2 and "<lora:style>" in capsys.readouterr().err
+    n = len(loads)
+    code, _ = _run(["txt2img", PROMPT, "--lora-dir", tmp_path / "nowhere"], tmp_path, "missing.png")
+    assert code == 2 and len(loads) == n and "nowhere" in capsys.readouterr().err  # refused before loading

@@ -107,6 +107,10 @@ def _generation_args(p: argparse.ArgumentParser, image: bool, mask: bool) -> Non
     p.add_argument("--hires-upscaler", default=None,
                    help='a latent mode, "Lanczos", or an upscaler file ("R-ESRGAN 4x+", "4x-UltraSharp")')
     p.add_argument("--upscaler-dir", action="append", default=[], help="where upscaler files are looked up")
+    p.add_argument("--lora-dir", action="append", default=[],
+                   help="where <lora:name:weight> prompt tags (and regions' LoRAs) are looked up; repeat")
+    p.add_argument("--embeddings", action="append", default=[],
+                   help="textual-inversion embedding files or folders, used in prompts by file name; repeat")
     p.add_argument("--hires-strength", type=float, default=None)
     p.add_argument("--tile", default=None, help="MultiDiffusion windows SIZE:STRIDE in latents, e.g. 64:48 "
                    "(add :gaussian for Mixture of Diffusers weights, :circular for a 360° panorama)")
@@ -187,9 +191,15 @@ def run_generation(args: argparse.Namespace) -> int:
     # The output is checked before any work: its folder exists and it is none of the inputs.
     inputs = [p for p in (getattr(args, "image", None), getattr(args, "mask", None), args.from_png) if p]
     check_output(args.output, inputs)
+    missing = [p for p in (*args.lora_dir, *args.embeddings) if not os.path.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"--lora-dir/--embeddings: {', '.join(map(str, missing))} not found")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = sdlite.load(args.model, device=args.device, dtype=dtype, prediction=args.prediction)
     pipe.upscaler_dirs = list(args.upscaler_dir)
+    pipe.lora_dirs = list(args.lora_dir)
+    if args.embeddings:
+        pipe.load_embeddings(*args.embeddings)
     options["callback"] = ProgressBar()
     negative = options.pop("negative_prompt", "")
     start = time.perf_counter()
