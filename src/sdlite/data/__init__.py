@@ -3,10 +3,10 @@ model trained on it, shipped in this folder as ``shapes.safetensors``."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from ..errors import CheckpointError
-from . import shapes  # noqa: F401  (sdlite.data.shapes after a plain `import sdlite`)
 
 BUILTIN_MODELS = ("shapes",)
 MODELS_DIR = Path(__file__).parent  # where the packaged model files are (package data, see pyproject.toml)
@@ -21,3 +21,11 @@ def builtin_model(name: str = "shapes") -> Path:
         raise CheckpointError(path, f"the built-in model {name!r} is not trained yet (this install has no {path.name}); "
                                     f"train it with `python -m sdlite.data.shapes train --out {path}`")
     return path
+
+
+def __getattr__(name: str):
+    # ``sdlite.data.shapes`` after a plain ``import sdlite``, imported on first use rather than with the package, so
+    # that ``python -m sdlite.data.shapes`` runs the module once (runpy warns about a module imported before it runs)
+    if name == "shapes":
+        return importlib.import_module(f"{__name__}.shapes")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
