@@ -175,6 +175,29 @@ class _Exploit:
         return (os.system, ("touch PWNED",))
 
 
+@pytest.mark.parametrize("header_length", [0x180, 0x280, 0x350])
+def test_safetensors_header_length_that_starts_like_a_pickle(tmp_path, header_length):
+    """A safetensors file begins with its header's length: a first byte of 0x80 (a pickle's protocol mark) must not
+    make it a pickle. Written by the safetensors library, its header padded to the length wanted."""
+    from safetensors import safe_open
+
+    path = tmp_path / "m.safetensors"
+    tensors = {"w": torch.arange(4, dtype=torch.float32)}
+    pad = 0
+    while True:  # metadata of a growing length until the library's (8-byte aligned) header has the length asked
+        save_file(tensors, str(path), metadata={"modelspec.resolution": "64x64", "pad": "x" * pad})
+        length = int.from_bytes(path.read_bytes()[:8], "little")
+        if length >= header_length:
+            break
+        pad += 1
+    assert length == header_length and path.read_bytes()[0] == header_length & 0xFF
+    with open_tensor_file(path) as tf:
+        assert type(tf).__name__ == "SafetensorsFile" and tf.metadata["modelspec.resolution"] == "64x64"
+        assert torch.equal(tf.read("w"), tensors["w"])
+    with safe_open(str(path), "pt") as f:  # the library reads the same file
+        assert f.metadata()["modelspec.resolution"] == "64x64"
+
+
 def test_pickle_with_code_is_refused_and_not_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.ckpt"

@@ -216,11 +216,13 @@ def open_tensor_file(path: str | os.PathLike) -> TensorFile:
         raise CheckpointError(path, "no such file")
     with open(path, "rb") as f:
         head = f.read(9)
+    # safetensors: the header's length (8 bytes, little-endian) and the header's JSON. Tested first: the length's
+    # first byte can be anything, 0x80 or "P" included, which alone would look like a pickle.
+    if len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size:
+        return SafetensorsFile(path)
     # A zip archive (torch >= 1.6) or a raw pickle stream (protocol 2+ starts with 0x80) means a torch pickle.
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         return PickleFile(path)
-    if len(head) >= 9 and head[8:9] == b"{":
-        return SafetensorsFile(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return PickleFile(path)
     return SafetensorsFile(path)

@@ -77,9 +77,10 @@ class FullFineTune(Method):
 
     def save(self, r: Run, path: Path) -> Path:
         side = r.batches.data.resolution
-        # the base file's description (modelspec.*: resolution, architecture …) stays true of the fine-tuned one;
-        # without it a small model's file would be generated at the family's 512 px instead of its own size
-        metadata = {k: v for k, v in r.pipe.metadata.items() if not k.startswith("ss_")}
+        # the base file's description (modelspec.*: resolution, architecture …) stays true of the fine-tuned one
+        # (how the base was made, its sdlite.* / ss_* keys, does not); without it a small model's file would be
+        # generated at the family's 512 px instead of its own size
+        metadata = {k: v for k, v in r.pipe.metadata.items() if k.startswith("modelspec.")}
         metadata |= {"sdlite_method": "dreambooth", "step": str(r.step),
                      "modelspec.title": path.stem, "modelspec.resolution": f"{side}x{side}"}
         return save_checkpoint(r.pipe, path, SAVE_DTYPES[self.save_dtype], metadata)
