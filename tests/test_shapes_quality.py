@@ -180,3 +180,36 @@ def test_model_draws_one_held_out_object(measured):
 
 def test_model_draws_two_objects_left_and_right(measured):
     assert measured.two_objects >= TARGETS["two_objects"], _report(measured)
+
+
+# --- the autoencoder alone --------------------------------------------------------------------------------------------
+
+class Identity(torch.nn.Module):
+    """A stand-in VAE that gives every image back exactly (latents are the pixels): every kind comes back."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def encode(self, x):
+        return SimpleNamespace(mean=x)
+
+    def decode(self, z):
+        return z
+
+
+def test_roundtrip_measures_what_comes_back():
+    perfect = quality.roundtrip(Identity(), images=6)
+    assert set(perfect) == {(k, s) for k, *_ in quality.ROUNDTRIP_KINDS for s in ("small", "large")}
+    assert all(v == 1.0 for v in perfect.values()), perfect  # the drawn images themselves read right
+    blurred = Identity()
+    blurred.decode = lambda z: torch.nn.functional.avg_pool2d(z, 9, 1, 4, count_include_pad=False)
+    lost = quality.roundtrip(blurred, images=6)
+    assert lost["outline", "small"] == 0.0 and lost["star", "small"] == 0.0  # detail a blur takes away is missed
+    table = quality.roundtrip_table(perfect, 6)
+    assert "| star | 100% | 100% |" in table
+
+
+def test_the_models_vae_carries_large_pre_training_shapes(model):
+    shares = quality.roundtrip(model.vae, images=12)
+    assert shares["filled", "large"] >= 0.9, quality.roundtrip_table(shares, 12)

@@ -29,10 +29,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
+import torch
 from PIL import Image
 
 from .detect import Description, describe
-from .scene import COLOURS, SHAPES, Obj, Scene
+from .scene import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, render
 from .shapes import HELD_OUT, caption
 
 TARGETS = {"background": 0.95, "one_object": 0.90, "two_objects": 0.70}  # the issue's
@@ -229,7 +231,50 @@ def grid(records: Sequence[Record], columns: int = 5, cell: int = 128) -> Image.
     return sheet
 
 
-# --- the command line: python -m sdlite.data.shapes evaluate | grid ------------------------------------------------
+# --- the autoencoder alone ------------------------------------------------------------------------------------------
+
+# (name, shapes, outline): what the round trip is measured on; the last three are the adaptation examples' shapes
+ROUNDTRIP_KINDS = (("filled", SHAPES, False), ("outline", SHAPES, True), ("heart", ("heart",), False),
+                   ("star", ("star",), False))
+
+
+@torch.no_grad()
+def roundtrip(vae, images: int = 24, seed: int = 0) -> dict[tuple[str, str], float]:
+    """The share of one-object images that come back through ``vae`` (encoded to the posterior mean, decoded; no
+    UNet) with the detector reading the object drawn: one object, its colour, shape and fill. Per (kind, size), for
+    the kinds of ``ROUNDTRIP_KINDS``, ``images`` each (colours, positions and jitter drawn from ``seed``).
+
+    A model can draw nothing its autoencoder cannot carry, so this is the gate for what fine-tuning can teach it:
+    the adaptation examples' stars, hearts and outlines (``sdlite.data.adapt``)."""
+    from ..images import to_pil, to_tensor
+
+    rng = np.random.default_rng(seed)
+    shares = {}
+    for kind, shapes, outline in ROUNDTRIP_KINDS:
+        for size in SIZES:
+            objects, pictures = [], []
+            for i in range(images):
+                colour, background = (COLOURS[int(j)] for j in rng.choice(len(COLOURS), 2, replace=False))
+                obj = Obj(colour, shapes[i % len(shapes)], size, list(POSITIONS)[i % len(POSITIONS)], outline)
+                objects.append(obj)
+                pictures.append(to_tensor(render(Scene(background, (obj,)), rng)))
+            x = torch.stack(pictures).to(next(vae.parameters()).device) * 2 - 1
+            back = to_pil(vae.decode(vae.encode(x).mean))
+            right = [[(f.obj.colour, f.obj.shape, f.obj.outline) for f in describe(image).found]
+                     == [(obj.colour, obj.shape, obj.outline)] for obj, image in zip(objects, back)]
+            shares[kind, size] = sum(right) / len(right)
+    return shares
+
+
+def roundtrip_table(shares: dict[tuple[str, str], float], images: int) -> str:
+    sizes = list(dict.fromkeys(size for _, size in shares))
+    lines = [f"| kind | {' | '.join(f'{size} ({images} images)' for size in sizes)} |", "|---" * (len(sizes) + 1) + "|"]
+    for kind in dict.fromkeys(kind for kind, _ in shares):
+        lines.append(f"| {kind} | {' | '.join(f'{shares[kind, size]:.0%}' for size in sizes)} |")
+    return "\n".join(lines)
+
+
+# --- the command line: python -m sdlite.data.shapes evaluate | grid | roundtrip -------------------------------------
 
 def add_commands(sub) -> None:
     """``evaluate`` and ``grid`` as sub-commands of the data set's command line (``sdlite.data.shapes.main``)."""
@@ -244,6 +289,11 @@ def add_commands(sub) -> None:
     g.add_argument("--per-kind", type=int, default=10, help="prompts of each kind (default 10)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--columns", type=int, default=5)
+    r = sub.add_parser("roundtrip", help="what the model's VAE alone gives back (stars, hearts, outlines too)")
+    r.add_argument("model", nargs="?", default="shapes", help="checkpoint (default: the built-in model)")
+    r.add_argument("--images", type=int, default=24, help="images per kind and size (default 24)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu")
     for p in (e, g):
         p.add_argument("--sampler", default="Euler a")
         p.add_argument("--steps", type=int, default=20)
@@ -263,6 +313,10 @@ def run_command(args) -> int:
     from ..pipeline import load
 
     pipe = load(args.model, device=args.device)
+    if args.command == "roundtrip":
+        print(f"{pipe.path}: encoded and decoded by its VAE, read back by the detector\n")
+        print(roundtrip_table(roundtrip(pipe.vae, args.images, args.seed), args.images))
+        return 0
     settings = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
     if args.command == "grid":
         from ..checkpoint.write import atomic_path

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes,
                             phase=args.phase)
             return 0 if done or args.phase else 3
-        if args.command in ("evaluate", "grid"):
+        if args.command in ("evaluate", "grid", "roundtrip"):
             return quality.run_command(args)
         if args.command == "adapt":
             return adapt.run_command(args)
