@@ -140,6 +140,29 @@ def test_several_loras_and_weight_changes(models, tmp_path):
     assert_restored(pipe, before)
 
 
+def test_injected_at_strength_zero_is_not_computed(models, tmp_path):
+    """A LoRA waiting at strength 0 (a region's, outside its region's calls) leaves each weight it would change the
+    stored tensor itself: no ΔW is built, and the outputs are the base model's bit for bit."""
+    from torch.nn.utils import parametrize
+
+    model = models["sd1"]
+    pipe = model.pipe
+    base = outputs(pipe)
+    path = tmp_path / "z.safetensors"
+    write_file(path, model.layers, "loha", "sd1", seed=3)
+    handle = pipe.add_lora(path, weight=0.0, mode="inject")
+    try:
+        changed = [m for m in [*pipe.unet.modules(), *pipe.text_encoders[0].modules()]
+                   if parametrize.is_parametrized(m, "weight")]
+        assert changed and all(m.weight is m.parametrizations.weight.original for m in changed)
+        assert all(torch.equal(x, y) for x, y in zip(outputs(pipe), base))
+        handle.set_weight(0.7)
+        assert all(m.weight is not m.parametrizations.weight.original for m in changed)
+        assert rel_err(outputs(pipe)[0], base[0]) > 1e-3
+    finally:
+        handle.remove()
+
+
 def test_sdxl_lora_is_refused_by_sd1(models, tmp_path):
     path = tmp_path / "xl.safetensors"
     write_file(path, models["sdxl"].layers, "lora", "sdxl")

@@ -220,6 +220,9 @@ class _Slot:
         return slots.setdefault(name, _Slot(module, name))
 
     def compute(self, value: torch.Tensor, changes: list["_Change"]) -> torch.Tensor:
+        # at strength 0 every kind of change is W + 0·(…) = W (DoRA included), so it is not computed: a region's
+        # LoRAs wait injected at 0 outside that region's UNet calls
+        changes = [c for c in changes if c.multiplier != 0]
         if not changes:
             return value
         work = value.to(torch.promote_types(value.dtype, torch.float32), copy=True)
@@ -279,8 +282,12 @@ class _Change:
     def __post_init__(self):
         self.slot = _Slot.of(self.target.module, self.target.bias if self.bias else self.target.weight)
 
+    @property
+    def multiplier(self) -> float:
+        return self.handle.weight if self.target.component == "unet" else self.handle.te_weight
+
     def apply(self, value: torch.Tensor) -> torch.Tensor:
-        m = self.handle.weight if self.target.component == "unet" else self.handle.te_weight
+        m = self.multiplier
         if self.bias:
             return value + m * self.layer.tensors["diff_b"].to(value)
         return self.layer.update(value, m, self.target.pads_inpaint_input)
