@@ -135,6 +135,33 @@ def _save(folder: Path, settings: dict, step: int, params: dict, optimizer, gene
                scaler_state={}, log=log, settings=settings)
 
 
+def _optimizer_step(params: dict, optimizer, ema: EMA | None = None) -> None:
+    """Every phase's update after its backward pass: gradients clipped to norm 1, the step, the EMA."""
+    torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update()
+
+
+def _log_step(log: list[LogRow], step: int, total: int, loss: float, optimizer, clock: Clock, say, phase: str,
+              measure: str) -> None:
+    """The step's row of the phase's log, and a progress line every 50 steps (the mean of the last 50)."""
+    log.append(LogRow(step, loss, optimizer.param_groups[0]["lr"], clock.elapsed))
+    if step % 50 == 0:
+        say(f"{phase} step {step}/{total}  {measure} {np.mean([row.loss for row in log[-50:]]):.4f}  "
+            f"{clock.elapsed / 60:.1f} min")
+
+
+def _save_or_stop(folder: Path, settings: dict, step: int, total: int, r: Recipe, params: dict, optimizer,
+                  generator, log, clock: Clock, ema: EMA | None = None) -> None:
+    """The phase's state saved every ``save_every`` steps, at its end and when the run's time is up (then Stop)."""
+    if step % r.save_every == 0 or step == total or clock.up():
+        _save(folder, settings, step, params, optimizer, generator, log, ema)
+        if clock.up() and step < total:
+            raise Stop
+
+
 # --- phase 1: the autoencoder ----------------------------------------------------------------------------------------
 
 def _crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
@@ -167,18 +194,10 @@ def train_vae(vae, images: torch.Tensor, r: Recipe, folder: Path, clock: Clock, 
         x = _pixels(batch) if whole else _crops(_pixels(batch), r.vae_crop, generator)
         loss, l1 = vae_loss(vae, x, r.kl_weight, generator)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(params, optimizer)
         step += 1
-        log.append(LogRow(step, l1, optimizer.param_groups[0]["lr"], clock.elapsed))
-        if step % 50 == 0:
-            say(f"vae step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  "
-                f"{clock.elapsed / 60:.1f} min")
-        if step % r.save_every == 0 or step == total or clock.up():
-            _save(folder, settings, step, params, optimizer, generator, log)
-            if clock.up() and step < total:
-                raise Stop
+        _log_step(log, step, total, l1, optimizer, clock, say, "vae", "L1")
+        _save_or_stop(folder, settings, step, total, r, params, optimizer, generator, log, clock)
     return log
 
 
@@ -212,18 +231,10 @@ def train_decoder(vae, latents: tuple[torch.Tensor, torch.Tensor], images: torch
         rec = vae.decode(z)
         l1 = (rec - x).abs().mean()
         (l1 + (rec - x).pow(2).mean()).backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _optimizer_step(params, optimizer)
         step += 1
-        log.append(LogRow(step, l1.item(), optimizer.param_groups[0]["lr"], clock.elapsed))
-        if step % 50 == 0:
-            say(f"decoder step {step}/{total}  L1 {np.mean([row.loss for row in log[-50:]]):.4f}  "
-                f"{clock.elapsed / 60:.1f} min")
-        if step % r.save_every == 0 or step == total or clock.up():
-            _save(folder, settings, step, params, optimizer, generator, log)
-            if clock.up() and step < total:
-                raise Stop
+        _log_step(log, step, total, l1.item(), optimizer, clock, say, "decoder", "L1")
+        _save_or_stop(folder, settings, step, total, r, params, optimizer, generator, log, clock)
     return log
 
 
@@ -266,15 +277,9 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
         t = torch.randint(0, 1000, (r.unet_batch,), generator=generator)
         loss = denoising_loss(pipe, z, context, noise, t, min_snr_gamma=r.min_snr_gamma).mean()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
+        _optimizer_step(params, optimizer, ema)
         step += 1
-        log.append(LogRow(step, loss.item(), optimizer.param_groups[0]["lr"], clock.elapsed))
-        if step % 50 == 0:
-            say(f"unet step {step}/{r.unet_steps}  loss {np.mean([row.loss for row in log[-50:]]):.4f}  "
-                f"{clock.elapsed / 60:.1f} min")
+        _log_step(log, step, r.unet_steps, loss.item(), optimizer, clock, say, "unet", "loss")
         if r.eval_every and step % r.eval_every == 0:
             with ema.swapped():
                 s = evaluate(pipe, held_out_prompts(("one",)), seeds=2).measures()
@@ -282,10 +287,7 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
             text.requires_grad_(True)
             say(f"eval at step {step}: background {s['background']:.0%}, object {s['one_object']:.0%}")
             _append_eval(evals, step, clock.elapsed, s)
-        if step % r.save_every == 0 or step == r.unet_steps or clock.up():
-            _save(folder, settings, step, params, optimizer, generator, log, ema)
-            if clock.up() and step < r.unet_steps:
-                raise Stop
+        _save_or_stop(folder, settings, step, r.unet_steps, r, params, optimizer, generator, log, clock, ema)
     with torch.no_grad():  # the EMA weights are the result
         for name, p in params.items():
             p.copy_(ema.shadow[name])
