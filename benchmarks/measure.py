@@ -3,6 +3,7 @@ each measurement runs in (so that the process' peak RSS belongs to one implement
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -273,14 +274,21 @@ def run_measurement(impl: str, measurement: str, model_name: str, path: str, dev
     return _run_json(cmd)
 
 
+@contextlib.contextmanager
+def sd15_unet_file() -> Iterator[str]:
+    """The path of a random SD1.5-shaped UNet (float32 .safetensors) in a temporary folder, for the block's life."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = os.path.join(tmp, "sd15_unet.safetensors")
+        write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
+        yield weights
+
+
 def sd15_unet_in_fresh_processes(module: str, flags: list[str]) -> dict[str, dict]:
     """Run ``python -m module --worker IMPL --weights W *flags`` for diffusers then sdlite, each in a fresh process,
     on one SD1.5-shaped random UNet file written to a temporary folder; each worker prints its result as the last
     line of JSON. Every result is echoed to stderr as it arrives, so a later failure keeps the earlier one."""
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "sd15_unet.safetensors")
-        write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
+    with sd15_unet_file() as weights:
         for impl in ("diffusers", "sdlite"):
             cmd = [sys.executable, "-m", module, "--worker", impl, "--weights", weights, *flags]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout

@@ -22,17 +22,15 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import statistics
-import tempfile
 import time
 import zlib
 
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.measure import peak_rss, sd15_unet_in_fresh_processes
-from benchmarks.models import DTYPES, MODELS, ModelSpec, write_checkpoint
+from benchmarks.measure import peak_rss, sd15_unet_file, sd15_unet_in_fresh_processes
+from benchmarks.models import DTYPES, MODELS, ModelSpec
 from benchmarks.suite import machine_name
 
 RANK, ALPHA = 16, 8.0
@@ -187,9 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                                 args.reps, args.checkpointing)))
         return
     if args.alternate:
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = os.path.join(tmp, "sd15_unet.safetensors")
-            write_checkpoint(weights, MODELS["sd15"], components=("unet",), dtype=torch.float32)
+        with sd15_unet_file() as weights:
             r = alternating(spec, weights, args.device, args.dtype, args.batch, args.warmup, args.reps,
                             args.checkpointing)
         print(f"SD1.5 LoRA training step (rank {RANK}), batch {args.batch}, {args.size}x{args.size}, {args.dtype}, "
