@@ -274,6 +274,14 @@ def run_measurement(impl: str, measurement: str, model_name: str, path: str, dev
     return _run_json(cmd)
 
 
+def write_json(path: str, report: dict) -> None:
+    """A benchmark's results as indented JSON, written to a temporary name and renamed when complete."""
+    from sdlite.checkpoint.write import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=2)
+
+
 @contextlib.contextmanager
 def sd15_unet_file() -> Iterator[str]:
     """The path of a random SD1.5-shaped UNet (float32 .safetensors) in a temporary folder, for the block's life."""

@@ -15,11 +15,11 @@ two-object prompts, each against the issue's target, plus seconds per image. The
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 
+from benchmarks.measure import write_json
 from benchmarks.suite import machine_name
 
 
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     report = run(args.model, args.seeds, args.sampler, args.steps, args.cfg_scale, args.device)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)
     print(f"{report['machine']}; {report['model']}\n\n{report['table']}\n\n"
           f"{report['seconds_per_image'] * 1000:.0f} ms per image (generation and detection)")
 

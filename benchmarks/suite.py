@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks.measure import (COMPILABLE, IMPLS, MEASUREMENTS, PATHS, count_unet_flops, measure,
-                                measure_alternating, run_alternating, run_measurement)
+                                measure_alternating, run_alternating, run_measurement, write_json)
 from benchmarks.models import DTYPES, MODELS, write_checkpoint
 from benchmarks.txt2img import STEPS, WARMUP_STEPS, tokenizer_dir, write_tokenizer
 
@@ -279,6 +279,5 @@ def main(argv: list[str] | None = None) -> None:
     report = run_suite(models, device, dtypes, measurements, paths, warmup, reps, txt2img_reps, args.compile_mode,
                        args.tmpdir, log, processes=tuple(processes))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
+        write_json(args.out, report)
     print(markdown_table(report))

@@ -29,7 +29,7 @@ import zlib
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.measure import peak_rss, sd15_unet_file, sd15_unet_in_fresh_processes
+from benchmarks.measure import peak_rss, sd15_unet_file, sd15_unet_in_fresh_processes, write_json
 from benchmarks.models import DTYPES, MODELS, ModelSpec
 from benchmarks.suite import machine_name
 
@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         print("  sdlite/diffusers per round: " + ", ".join(f"{x:.3f}" for x in r["round_ratios"]) +
               f"; median {r['median_ratio']:.3f}x")
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), **r}, f, indent=2)
+            write_json(args.json, {"args": vars(args), **r})
         return
     flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
              "--warmup", str(args.warmup), "--reps", str(args.reps)]
@@ -214,9 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio_m = results["sdlite"]["peak_bytes"] / results["diffusers"]["peak_bytes"]
     print(f"  sdlite/diffusers: time {ratio_t:.3f}x, peak memory {ratio_m:.3f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results, "ratio_time": ratio_t,
-                       "ratio_memory": ratio_m}, f, indent=2)
+        write_json(args.json, {"machine": machine, "args": vars(args), "results": results, "ratio_time": ratio_t,
+                       "ratio_memory": ratio_m})
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import json
 import torch
 
 from benchmarks.loaders import load_diffusers, load_sdlite
-from benchmarks.measure import make_call, sd15_unet_in_fresh_processes, time_calls
+from benchmarks.measure import make_call, sd15_unet_in_fresh_processes, time_calls, write_json
 from benchmarks.models import DTYPES, MODELS
 from benchmarks.suite import machine_name
 
@@ -70,9 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     ratio_m = results["sdlite"]["peak_bytes"] / results["diffusers"]["peak_bytes"]
     print(f"  sdlite/diffusers: time {ratio_t:.3f}x, peak memory {ratio_m:.3f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine, "args": vars(args), "results": results,
-                       "ratio_time": ratio_t, "ratio_memory": ratio_m}, f, indent=2)
+        write_json(args.json, {"machine": machine, "args": vars(args), "results": results,
+                       "ratio_time": ratio_t, "ratio_memory": ratio_m})
 
 
 if __name__ == "__main__":

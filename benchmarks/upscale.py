@@ -32,7 +32,7 @@ import tempfile
 import numpy as np
 import torch
 
-from benchmarks.measure import peak_rss, time_calls
+from benchmarks.measure import peak_rss, time_calls, write_json
 from benchmarks.suite import machine_name
 
 IMPLS = {"spandrel": "spandrel", "sdlite": "sdlite (tiles 192/8)", "sdlite-untiled": "sdlite (untiled)"}
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{IMPLS[impl]} / spandrel: wall {r['median_s'] / ref['median_s']:.3f}x, CPU "
                   f"{r['cpu_s'] / ref['cpu_s']:.3f}x, peak RSS {r['peak_bytes'] / ref['peak_bytes']:.3f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_name("cpu"), "args": vars(args), "results": results}, f, indent=2)
+        write_json(args.json, {"machine": machine_name("cpu"), "args": vars(args), "results": results})
 
 
 def _collect(impl: str, process: subprocess.Popen, results: dict) -> None:

@@ -8,6 +8,7 @@ diffusers compute the same UNet step and VAE decode from the same file, as the t
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 
@@ -138,3 +139,12 @@ def test_diffusers_tokenizers_give_sdlite_ids(tmp_path):
         ids = tokenizer([PROMPT], padding="max_length", max_length=tokenizer.model_max_length,
                         truncation=True)["input_ids"]
         assert ids == get_tokenizer()([PROMPT], pad_id=pad).tolist(), layout
+
+
+def test_results_json_is_written_whole(tmp_path):
+    from benchmarks.measure import write_json
+
+    path = tmp_path / "r.json"
+    write_json(str(path), {"ratio_time": 0.97, "args": {"reps": 5}})
+    assert json.loads(path.read_text()) == {"ratio_time": 0.97, "args": {"reps": 5}}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # the temporary name is gone
