@@ -9,6 +9,7 @@ diffusers compute the same UNet step and VAE decode from the same file, as the t
 from __future__ import annotations
 
 import json
+
 import pytest
 import torch
 
