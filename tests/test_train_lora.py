@@ -218,11 +218,17 @@ def test_training_leaves_the_model_as_it_was(models, data, tmp_path):
 def test_cli_trains_and_reports_bad_data(models, data, tmp_path, capsys):
     save_file({k: v.contiguous() for k, v in models["sd1"].built.state.items()}, str(tmp_path / "m.safetensors"))
     out = tmp_path / "cli.safetensors"
+    cache = tmp_path / "cache"
     code = sdlite.cli.main(["train", "lora", str(tmp_path / "m.safetensors"), str(data), "--rank", "2", "--alpha",
-                            "1", "--steps", "2", "--resolution", "64", "--prompt", "p", "--output", str(out)])
+                            "1", "--steps", "2", "--resolution", "64", "--prompt", "p", "--output", str(out),
+                            "--cache-dir", str(cache), "--refine-latents", "2"])
     assert code == 0 and out.exists()
     assert safe_open(str(out), "pt").metadata()["ss_network_dim"] == "2"
     assert "2/2 loss" in capsys.readouterr().err
+    refined = len(list(cache.iterdir()))
+    sdlite.train.lora(tmp_path / "m.safetensors", data, output=tmp_path / "plain.safetensors", rank=2, resolution=64,
+                      prompt="p", steps=1, cache_dir=cache)
+    assert refined > 0 and len(list(cache.iterdir())) == 2 * refined  # the refined latents were cached apart
     bad = write_images(tmp_path / "bad", n=1)
     code = sdlite.cli.main(["train", "lora", str(tmp_path / "m.safetensors"), str(bad), "--steps", "1",
                             "--resolution", "64", "--output", str(tmp_path / "x.safetensors")])

@@ -28,7 +28,7 @@ from .loop import Method, Run, TrainConfig
 # Options of the data pipeline (the rest of the keywords are TrainConfig fields).
 DATA_OPTIONS = {"prompt": None, "resolution": None, "buckets": True, "min_bucket": 256, "max_bucket": 1024,
                 "random_crop": False, "caption_extension": ".txt", "cache_dir": None, "caption_dropout": 0.0,
-                "shuffle_tags": False, "keep_tokens": 0, "flip": False}
+                "shuffle_tags": False, "keep_tokens": 0, "flip": False, "refine_latents": 0}
 TRAIN_OPTIONS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
@@ -79,7 +79,8 @@ def build_batches(pipe, data: str | os.PathLike, data_options: dict, config: Tra
                       keep_tokens=data_options["keep_tokens"], flip=data_options["flip"])
     with pipe.using(pipe.vae):
         cache = LatentCache(folder, pipe.vae, flip=augment.flip, folder=data_options["cache_dir"],
-                            model=f"{Path(pipe.path).resolve()}|{pipe.dtype}", seed=config.seed)
+                            model=f"{Path(pipe.path).resolve()}|{pipe.dtype}", seed=config.seed,
+                            refine=data_options["refine_latents"])
     return Batches(folder, cache, config.batch_size, config.seed, augment)
 
 
@@ -123,6 +124,8 @@ def common_args(p: argparse.ArgumentParser) -> None:
             ("caption-dropout", float, "probability of training an image with an empty caption"),
             ("keep-tokens", int, "tags kept in front when shuffling"),
             ("cache-dir", str, "keep the VAE latents in this folder and reuse them in later runs"),
+            ("refine-latents", int, "refine each cached latent by N steps of decoder inversion, for details the "
+                                    "VAE encoder loses (default 0: off)"),
             ("device", str, "cpu, cuda, … (default cpu)")):
         _flag(p, name, kind, text)
     _flag(p, "gradient-checkpointing", bool, "recompute UNet block activations in the backward pass")

@@ -29,6 +29,7 @@ from ..checkpoint.files import open_tensor_file
 from ..checkpoint.write import save_safetensors
 from ..conditioning import Conditioning, encode_text_with_grad
 from ..generate import size_embedding
+from ..vae import refine_latents
 from .data import ImageFolder, vary_caption
 
 
@@ -51,11 +52,14 @@ class LatentCache:
     ``folder``: keep them on disk there as safetensors (reused by later runs: the file name is a digest of the image
     path, its modification time and size, its bucket placement, and ``model``, which names the VAE); else in memory.
     The posterior is sampled once per image with a generator seeded by ``seed``, as kohya's cache does.
+    ``refine``: that many steps of decoder inversion after the encoder (``sdlite.vae.refine_latents``), for images
+    the encoder cannot carry but the decoder can draw (the built-in model's stars); 0, the default, keeps the
+    encoder's latents.
     """
 
     def __init__(self, data: ImageFolder, vae, *, flip: bool = False, folder: str | Path | None = None,
-                 model: str = "", seed: int = 0):
-        self.data, self.flip = data, flip
+                 model: str = "", seed: int = 0, refine: int = 0):
+        self.data, self.flip, self.refine = data, flip, refine
         self.folder = None if folder is None else Path(folder)
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +75,8 @@ class LatentCache:
         e = self.data.examples[index]
         stat = e.path.stat()
         key = f"{e.path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{e.placement}|{model}|{self.flip}"
+        if self.refine:
+            key += f"|refine {self.refine}"
         return self.folder / f"{e.path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
 
     def _load_or_encode(self, index: int, vae, model: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -84,8 +90,11 @@ class LatentCache:
         param = next(vae.parameters())
         out = {}
         for name, pixels in views.items():
-            posterior = vae.encode(pixels[None].to(param.device, param.dtype))
-            out[name] = (posterior.sample(generator) * vae.scale_factor)[0].float().cpu()
+            x = pixels[None].to(param.device, param.dtype)
+            z = vae.encode(x).sample(generator)
+            if self.refine:
+                z = refine_latents(vae, x, z, self.refine)
+            out[name] = (z * vae.scale_factor)[0].float().cpu()
         if path is not None:
             save_safetensors(path, out)
         return out
