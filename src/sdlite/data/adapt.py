@@ -1,10 +1,12 @@
 """Adapting the built-in model with sdlite's training methods, measured with the detector (minutes on a CPU).
 
 Three examples, each training through ``sdlite.train``'s public functions on images of the shapes world that
-pre-training never showed, then generating and reading the pictures back (``sdlite.data.quality``):
+pre-training never showed, then generating and reading the pictures back (``sdlite.data.quality``). The training
+latents are refined by decoder inversion (``REFINE`` steps, the ``refine_latents`` training option): the model's
+encoder cannot carry stars or rings, its decoder can draw large ones (``quality.roundtrip(vae, refine=...)``).
 
-* ``dreambooth``: 5 images of a yellow star captioned "a sks shape" (never on blue), the UNet fine-tuned with and
-  without prior preservation (class prompt "a shape", class images drawn by the model itself). Measured: how often
+* ``dreambooth``: 5 images of a large yellow star captioned "a sks shape" (never on blue), the UNet fine-tuned with
+  and without prior preservation (class prompt "a shape", class images drawn by the model itself). Measured: how often
   "a sks shape on a blue background" is a star; how often the model still draws a circle, square or triangle when
   asked (the class-prompt accuracy), and how often plain "a shape on a blue background" has become a star: the
   DreamBooth paper's language drift (Ruiz et al. 2022), which prior preservation is meant to prevent.
@@ -28,7 +30,7 @@ import torch
 
 from ..checkpoint.write import atomic_path
 from .quality import Evaluation, Prompt, evaluate
-from .scene import POSITIONS, SIZES, Obj, Scene, render
+from .scene import POSITIONS, Obj, Scene, render
 from .shapes import write
 
 SUBJECT = ("yellow", "star")
@@ -39,6 +41,10 @@ TOKEN = "<heart>"
 # circle, square and triangle on trained combinations (none in HELD_OUT): the class prompt's shapes, asked for by name
 CLASS_CHECK = (("red", "circle", "white"), ("green", "square", "yellow"), ("blue", "triangle", "white"),
                ("white", "circle", "purple"), ("orange", "square", "black"), ("purple", "triangle", "green"))
+# Steps of decoder inversion for every training image's latents (``sdlite.vae.refine_latents``): the model's VAE
+# encoder, trained on circles, squares and triangles only, maps a star to a pentagon's latents and a ring to a
+# smudge's, while its decoder can draw both from refined latents.
+REFINE = 200
 OUTLINE_PROMPTS = (("red", "circle", "blue"), ("yellow", "square", "black"), ("white", "triangle", "green"),
                    ("blue", "circle", "yellow"))
 
@@ -61,7 +67,9 @@ def _draw(folder: Path, scenes: list[Scene], captions: list[str] | None, seed: i
 
 
 def _placed(rng: np.random.Generator, colour: str, shape: str, background: str) -> Scene:
-    return Scene(background, (Obj(colour, shape, str(rng.choice(list(SIZES))), str(rng.choice(list(POSITIONS)))),))
+    """One large object at a random position: the model's decoder draws stars and hearts at the large size only
+    (``quality.roundtrip`` after decoder inversion), so the subjects are large ones."""
+    return Scene(background, (Obj(colour, shape, "large", str(rng.choice(list(POSITIONS)))),))
 
 
 def star_images(folder: Path, seed: int = 0) -> Path:
@@ -121,9 +129,9 @@ def _dreambooth_row(pipe, seeds: int) -> dict[str, float]:
             'star for "a shape on a blue background"': _shape_share(drift, "star")}
 
 
-def dreambooth(model="shapes", work: str | Path = "adapt", *, steps: int = 300, lr: float = 1e-4,
+def dreambooth(model="shapes", work: str | Path = "adapt", *, steps: int = 1500, lr: float = 2e-4,
                num_class_images: int = 40, seeds: int = 8, variants=("without prior", "with prior"),
-               progress=None) -> Report:
+               refine: int = REFINE, progress=None) -> Report:
     """Fine-tune the UNet on the star with ``sdlite.train.dreambooth`` for each of ``variants``, and measure."""
     from ..train import dreambooth as train
 
@@ -137,7 +145,8 @@ def dreambooth(model="shapes", work: str | Path = "adapt", *, steps: int = 300, 
         prior = dict(class_prompt=CLASS_PROMPT, class_dir=work / "class", num_class_images=num_class_images)
         start = time.perf_counter()
         train(model, instance, output=out, instance_prompt=INSTANCE_PROMPT, steps=steps, lr=lr, batch_size=1,
-              save_dtype="fp16", progress=progress, **(prior if variant == "with prior" else {}))
+              save_dtype="fp16", refine_latents=refine, progress=progress,
+              **(prior if variant == "with prior" else {}))
         report.seconds[variant] = time.perf_counter() - start
         report.rows[variant] = _dreambooth_row(_load(out), seeds)
         report.files[variant] = out
@@ -146,7 +155,7 @@ def dreambooth(model="shapes", work: str | Path = "adapt", *, steps: int = 300, 
 
 
 def textual_inversion(model="shapes", work: str | Path = "adapt", *, steps: int = 300, lr: float = 5e-3,
-                      init_word: str = "circle", seeds: int = 8, progress=None) -> Report:
+                      init_word: str = "circle", seeds: int = 8, refine: int = REFINE, progress=None) -> Report:
     """Learn ``<heart>`` with ``sdlite.train.textual_inversion`` and measure "a red <heart> on a white background"."""
     from ..train import textual_inversion as train
 
@@ -155,7 +164,7 @@ def textual_inversion(model="shapes", work: str | Path = "adapt", *, steps: int 
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     train(model, heart_images(work / "heart"), output=out, token=TOKEN, init_word=init_word, steps=steps, lr=lr,
-          batch_size=1, progress=progress)
+          batch_size=1, refine_latents=refine, progress=progress)
     trained = f'"a red {TOKEN} on a white background"'
     report = Report(f"Textual inversion: {TOKEN} from 5 hearts, {steps} steps, lr {lr}, init word {init_word!r}; "
                     f"{seeds} seeds, 20 Euler a steps, CFG 5", seconds={trained: time.perf_counter() - start},
@@ -174,7 +183,7 @@ def textual_inversion(model="shapes", work: str | Path = "adapt", *, steps: int 
 
 
 def lora(model="shapes", work: str | Path = "adapt", *, images: int = 40, steps: int = 300, lr: float = 1e-3,
-         rank: int = 8, seeds: int = 8, progress=None) -> Report:
+         rank: int = 8, seeds: int = 8, refine: int = REFINE, progress=None) -> Report:
     """Train ``outline.safetensors`` with ``sdlite.train.lora`` on outlined shapes; measure with and without
     ``<lora:outline:1>``."""
     from ..train import lora as train
@@ -185,7 +194,8 @@ def lora(model="shapes", work: str | Path = "adapt", *, images: int = 40, steps:
     out = work / "loras" / "outline.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    train(model, data, output=out, rank=rank, alpha=rank, steps=steps, lr=lr, batch_size=4, progress=progress)
+    train(model, data, output=out, rank=rank, alpha=rank, steps=steps, lr=lr, batch_size=4, refine_latents=refine,
+          progress=progress)
     report = Report(f"LoRA 'outline': {images} outlined shapes, rank {rank}, {steps} steps of 4, lr {lr}; "
                     f"{len(OUTLINE_PROMPTS)} prompts x {seeds} seeds, 20 Euler a steps, CFG 5",
                     seconds={"<lora:outline:1>": time.perf_counter() - start}, files={"lora": out})
@@ -209,14 +219,17 @@ def add_command(sub) -> None:
     p.add_argument("method", choices=list(METHODS))
     p.add_argument("--model", default="shapes", help="checkpoint to adapt (default: the built-in model)")
     p.add_argument("--work", default="adapt", help="folder for the images and the trained files (default adapt/)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default 300)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 1500 for dreambooth, 300 otherwise)")
     p.add_argument("--seeds", type=int, default=8, help="images per measured prompt (default 8)")
+    p.add_argument("--refine", type=int, default=REFINE,
+                   help=f"decoder-inversion steps per training latent (default {REFINE}; 0: the encoder's latents)")
 
 
 def run_command(args) -> int:
     from ..train.report import TrainProgress
 
-    options = {"seeds": args.seeds} | ({} if args.steps is None else {"steps": args.steps})
+    options = {"seeds": args.seeds, "refine": args.refine} | ({} if args.steps is None else {"steps": args.steps})
     report = METHODS[args.method](args.model, args.work, progress=TrainProgress(), **options)
     print(report.table())
     for name, path in report.files.items():

@@ -239,14 +239,17 @@ ROUNDTRIP_KINDS = (("filled", SHAPES, False), ("outline", SHAPES, True), ("heart
 
 
 @torch.no_grad()
-def roundtrip(vae, images: int = 24, seed: int = 0) -> dict[tuple[str, str], float]:
+def roundtrip(vae, images: int = 24, seed: int = 0, refine: int = 0) -> dict[tuple[str, str], float]:
     """The share of one-object images that come back through ``vae`` (encoded to the posterior mean, decoded; no
     UNet) with the detector reading the object drawn: one object, its colour, shape and fill. Per (kind, size), for
     the kinds of ``ROUNDTRIP_KINDS``, ``images`` each (colours, positions and jitter drawn from ``seed``).
+    ``refine``: that many steps of decoder inversion (``sdlite.vae.refine_latents``) between encoding and decoding,
+    which measures what the decoder can draw rather than what the encoder finds.
 
     A model can draw nothing its autoencoder cannot carry, so this is the gate for what fine-tuning can teach it:
     the adaptation examples' stars, hearts and outlines (``sdlite.data.adapt``)."""
     from ..images import to_pil, to_tensor
+    from ..vae import refine_latents
 
     rng = np.random.default_rng(seed)
     shares = {}
@@ -259,7 +262,8 @@ def roundtrip(vae, images: int = 24, seed: int = 0) -> dict[tuple[str, str], flo
                 objects.append(obj)
                 pictures.append(to_tensor(render(Scene(background, (obj,)), rng)))
             x = torch.stack(pictures).to(next(vae.parameters()).device) * 2 - 1
-            back = to_pil(vae.decode(vae.encode(x).mean))
+            z = vae.encode(x).mean
+            back = to_pil(vae.decode(refine_latents(vae, x, z, refine) if refine else z))
             right = [[(f.obj.colour, f.obj.shape, f.obj.outline) for f in describe(image).found]
                      == [(obj.colour, obj.shape, obj.outline)] for obj, image in zip(objects, back)]
             shares[kind, size] = sum(right) / len(right)
@@ -294,6 +298,7 @@ def add_commands(sub) -> None:
     r.add_argument("--images", type=int, default=24, help="images per kind and size (default 24)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
+    r.add_argument("--refine", type=int, default=0, help="decoder-inversion steps before decoding (default 0)")
     for p in (e, g):
         p.add_argument("--sampler", default="Euler a")
         p.add_argument("--steps", type=int, default=20)
@@ -315,7 +320,7 @@ def run_command(args) -> int:
     pipe = load(args.model, device=args.device)
     if args.command == "roundtrip":
         print(f"{pipe.path}: encoded and decoded by its VAE, read back by the detector\n")
-        print(roundtrip_table(roundtrip(pipe.vae, args.images, args.seed), args.images))
+        print(roundtrip_table(roundtrip(pipe.vae, args.images, args.seed, args.refine), args.images))
         return 0
     settings = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
     if args.command == "grid":
