@@ -24,7 +24,7 @@ def _read(folder):
 
 
 def test_star_images_are_one_yellow_star_never_on_blue(tmp_path):
-    scenes = _read(adapt.star_images(tmp_path / "star"))
+    scenes = _read(adapt.star_images(str(tmp_path / "star")))  # a str as in the README
     assert len(scenes) == 5 and not list((tmp_path / "star").glob("*.txt"))  # captioned by the instance prompt
     for scene in scenes.values():
         assert [(o.colour, o.shape, o.size) for o in scene.objects] == [(*adapt.SUBJECT, "large")]
@@ -44,3 +44,13 @@ def test_heart_images_name_the_token_and_leave_red_on_white_out(tmp_path):
 def test_measured_prompts_use_trained_combinations():
     assert not {c for c in adapt.CLASS_CHECK + adapt.OUTLINE_PROMPTS if c in shapes.HELD_OUT}
     assert {s for _, s, _ in adapt.CLASS_CHECK} == set(shapes.SHAPES)
+
+
+def test_outline_images_are_large_outlines_with_their_captions(tmp_path):
+    folder = adapt.outline_images(str(tmp_path / "outline"), count=6)  # a str as in the README
+    scenes = _read(folder)
+    assert len(scenes) == 6
+    for name, scene in scenes.items():
+        assert scene.objects and all(o.outline and o.size == "large" for o in scene.objects)
+        caption = (folder / name).with_suffix(".txt").read_text().strip()
+        assert all(o.colour in caption and o.shape in caption for o in scene.objects)

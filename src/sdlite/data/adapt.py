@@ -12,7 +12,7 @@ encoder cannot carry stars or rings, its decoder can draw large ones (``quality.
   DreamBooth paper's language drift (Ruiz et al. 2022), which prior preservation is meant to prevent.
 * ``ti``: textual inversion of "<heart>" from 5 hearts captioned "a green <heart> on a black background" and so on
   (never red on white); measured: how often "a red <heart> on a white background" is a red heart on white.
-* ``lora``: a LoRA on shapes drawn as outlines (``shapes.write(..., outline=True)``, the ordinary captions); saved as
+* ``lora``: a LoRA on large shapes drawn as outlines (``outline_images``, the ordinary captions); saved as
   ``outline.safetensors`` and switched on by ``<lora:outline:1>`` in the prompt; measured: how often the detector
   reads outlines, and the right colour and shape, with and without the tag.
 
@@ -31,7 +31,7 @@ import torch
 from ..checkpoint.write import atomic_path
 from .quality import Evaluation, Prompt, evaluate
 from .scene import POSITIONS, Obj, Scene, render
-from .shapes import write
+from .shapes import dataset
 
 SUBJECT = ("yellow", "star")
 SUBJECT_BACKGROUNDS = ("black", "purple", "green", "red", "white")  # never blue: that is the measured prompt's
@@ -53,8 +53,9 @@ def _plain(colour: str, shape: str, background: str, word: str | None = None, su
     return Prompt(f"a {colour} {word or shape} on a {background} background{suffix}", background, ((colour, shape),))
 
 
-def _draw(folder: Path, scenes: list[Scene], captions: list[str] | None, seed: int) -> Path:
+def _draw(folder: str | Path, scenes: list[Scene], captions: list[str] | None, seed: int) -> Path:
     """Write ``scenes`` as folder/0.png … (with .txt captions when given), sizes and positions jittered."""
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, scene in enumerate(scenes):
@@ -72,13 +73,13 @@ def _placed(rng: np.random.Generator, colour: str, shape: str, background: str) 
     return Scene(background, (Obj(colour, shape, "large", str(rng.choice(list(POSITIONS)))),))
 
 
-def star_images(folder: Path, seed: int = 0) -> Path:
+def star_images(folder: str | Path, seed: int = 0) -> Path:
     """The DreamBooth subject: a yellow star on five backgrounds (captioned by the instance prompt, no .txt)."""
     rng = np.random.default_rng(seed)
     return _draw(folder, [_placed(rng, *SUBJECT, bg) for bg in SUBJECT_BACKGROUNDS], None, seed)
 
 
-def heart_images(folder: Path, seed: int = 0) -> Path:
+def heart_images(folder: str | Path, seed: int = 0) -> Path:
     """Five hearts of other colours on other backgrounds than red on white, captioned with the token."""
     rng = np.random.default_rng(seed)
     scenes = [_placed(rng, colour, "heart", bg) for colour, bg in HEARTS]
@@ -182,7 +183,25 @@ def textual_inversion(model="shapes", work: str | Path = "adapt", *, steps: int 
     return report
 
 
-def lora(model="shapes", work: str | Path = "adapt", *, images: int = 40, steps: int = 300, lr: float = 1e-3,
+def outline_images(folder: str | Path, count: int = 40, seed: int = 0) -> Path:
+    """The LoRA's data: the first ``count`` samples of ``shapes.dataset(..., outline=True)`` whose objects are all
+    large (the decoder cannot draw a small ring), with their ordinary captions."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for image, text, scene in dataset(50 * count, seed, outline=True):
+        if written == count:
+            break
+        if all(o.size == "large" for o in scene.objects):
+            with atomic_path(folder / f"{written}.png") as tmp:
+                image.save(tmp, format="PNG")
+            with atomic_path(folder / f"{written}.txt") as tmp:
+                tmp.write_text(text + "\n", encoding="utf-8")
+            written += 1
+    return folder
+
+
+def lora(model="shapes", work: str | Path = "adapt", *, images: int = 40, steps: int = 600, lr: float = 1e-3,
          rank: int = 8, seeds: int = 8, refine: int = REFINE, progress=None) -> Report:
     """Train ``outline.safetensors`` with ``sdlite.train.lora`` on outlined shapes; measure with and without
     ``<lora:outline:1>``."""
@@ -190,13 +209,13 @@ def lora(model="shapes", work: str | Path = "adapt", *, images: int = 40, steps:
 
     work = Path(work)
     data = work / "outline"
-    write(data, images, seed=0, outline=True)
+    outline_images(data, images)
     out = work / "loras" / "outline.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     train(model, data, output=out, rank=rank, alpha=rank, steps=steps, lr=lr, batch_size=4, refine_latents=refine,
           progress=progress)
-    report = Report(f"LoRA 'outline': {images} outlined shapes, rank {rank}, {steps} steps of 4, lr {lr}; "
+    report = Report(f"LoRA 'outline': {images} large outlined shapes, rank {rank}, {steps} steps of 4, lr {lr}; "
                     f"{len(OUTLINE_PROMPTS)} prompts x {seeds} seeds, 20 Euler a steps, CFG 5",
                     seconds={"<lora:outline:1>": time.perf_counter() - start}, files={"lora": out})
     pipe = _load(model)
@@ -220,7 +239,7 @@ def add_command(sub) -> None:
     p.add_argument("--model", default="shapes", help="checkpoint to adapt (default: the built-in model)")
     p.add_argument("--work", default="adapt", help="folder for the images and the trained files (default adapt/)")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps (default: 1500 for dreambooth, 300 otherwise)")
+                   help="training steps (default: 1500 for dreambooth, 300 for ti, 600 for lora)")
     p.add_argument("--seeds", type=int, default=8, help="images per measured prompt (default 8)")
     p.add_argument("--refine", type=int, default=REFINE,
                    help=f"decoder-inversion steps per training latent (default {REFINE}; 0: the encoder's latents)")
