@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  sdlite/diffusers: time {ratio_t:.3f}x, peak memory {ratio_m:.3f}x")
     if args.json:
         write_json(args.json, {"machine": machine, "args": vars(args), "results": results,
-                       "ratio_time": ratio_t, "ratio_memory": ratio_m})
+                               "ratio_time": ratio_t, "ratio_memory": ratio_m})
 
 
 if __name__ == "__main__":

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint.write import atomic_path
 from .quality import Evaluation, Prompt, evaluate
 from .scene import POSITIONS, Obj, Scene, render
-from .shapes import dataset
+from .shapes import dataset, save_example
 
 SUBJECT = ("yellow", "star")
 SUBJECT_BACKGROUNDS = ("black", "purple", "green", "red", "white")  # never blue: that is the measured prompt's
@@ -59,11 +58,7 @@ def _draw(folder: str | Path, scenes: list[Scene], captions: list[str] | None, s
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i, scene in enumerate(scenes):
-        with atomic_path(folder / f"{i}.png") as tmp:
-            render(scene, rng).save(tmp, format="PNG")
-        if captions is not None:
-            with atomic_path(folder / f"{i}.txt") as tmp:
-                tmp.write_text(captions[i] + "\n", encoding="utf-8")
+        save_example(folder / f"{i}.png", render(scene, rng), None if captions is None else captions[i])
     return folder
 
 
@@ -193,10 +188,7 @@ def outline_images(folder: str | Path, count: int = 40, seed: int = 0) -> Path:
         if written == count:
             break
         if all(o.size == "large" for o in scene.objects):
-            with atomic_path(folder / f"{written}.png") as tmp:
-                image.save(tmp, format="PNG")
-            with atomic_path(folder / f"{written}.txt") as tmp:
-                tmp.write_text(text + "\n", encoding="utf-8")
+            save_example(folder / f"{written}.png", image, text)
             written += 1
     return folder
 

@@ -183,15 +183,18 @@ def write(folder: str | os.PathLike, count: int, seed: int = 0, split: str = "tr
     data = dataset(count, seed, split, shapes, forms, outline)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for i, (image, text, _) in enumerate(data):
-        png = folder / f"{i:06d}.png"
-        with atomic_path(png) as tmp:
-            image.save(tmp, format="PNG")
+    return [save_example(folder / f"{i:06d}.png", image, text) for i, (image, text, _) in enumerate(data)]
+
+
+def save_example(png: Path, image: Image.Image, caption: str | None = None) -> Path:
+    """``image`` as ``png`` and, when given, ``caption`` beside it in the same-named .txt (the layout ``sdlite
+    train`` reads), each written to a temporary name and renamed; returns ``png``."""
+    with atomic_path(png) as tmp:
+        image.save(tmp, format="PNG")
+    if caption is not None:
         with atomic_path(png.with_suffix(".txt")) as tmp:
-            tmp.write_text(text + "\n", encoding="utf-8")
-        written.append(png)
-    return written
+            tmp.write_text(caption + "\n", encoding="utf-8")
+    return png
 
 
 def _describe_line(path: str) -> str:
