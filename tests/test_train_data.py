@@ -132,3 +132,13 @@ def test_sdxl_size_conditioning_matches_diffusers_time_ids():
     expected = Timesteps(256, True, 0)(time_ids.flatten()).reshape(2, -1)
     assert torch.equal(y[:, :128], pooled)
     assert rel_err(y[:, 128:], expected) < 1e-6
+
+
+def test_bad_options_are_refused_before_the_model_is_read(tmp_path):
+    import sdlite.train
+
+    missing = tmp_path / "no-such-model.safetensors"  # never opened: the options are checked first
+    with pytest.raises(TypeError, match="unknown training option.*refine_steps"):
+        sdlite.train.lora(missing, tmp_path, output=tmp_path / "o.safetensors", refine_steps=3)
+    with pytest.raises(ValueError, match="refine_latents.*got -1"):
+        sdlite.train.lora(missing, tmp_path, output=tmp_path / "o.safetensors", refine_latents=-1)

@@ -39,6 +39,8 @@ def split_options(options: dict) -> tuple[dict, dict]:
         raise TypeError(f"unknown training option(s) {', '.join(unknown)}; known: "
                         f"{', '.join(sorted(set(DATA_OPTIONS) | TRAIN_OPTIONS))}")
     data = {k: options.get(k, v) for k, v in DATA_OPTIONS.items()}
+    if data["refine_latents"] < 0:
+        raise ValueError(f"refine_latents: a number of decoder-inversion steps, ≥ 0; got {data['refine_latents']}")
     return data, {k: v for k, v in options.items() if k in TRAIN_OPTIONS}
 
 
