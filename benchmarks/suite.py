@@ -126,6 +126,7 @@ def run_suite(models: list[str], device: str, dtypes: list[str], measurements: l
                                     row[impl]["gflops_per_s"] = flops / row[impl]["median_s"] / 1e9
                         _compare(row)
                         rows.append(row)
+                        log(f"{what}: row {json.dumps(row)}")  # a run cut short keeps its finished rows in the log
     _txt2img_vs_unet(rows)
     return {"machine": machine_name(device), "threads": torch.get_num_threads(), "device": device,
             "dtypes": dtypes, "paths": paths, "processes": list(processes),
