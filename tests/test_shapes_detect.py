@@ -77,14 +77,16 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def _draw(background: str, objects: list[tuple[str, str, float, float, float]], side: int = 128) -> Image.Image:
-    """objects: (colour, shape, centre x, centre y, half-size), in 64-pixel units; coverage by 4x4 subsamples."""
+    """objects: (colour, shape, centre x, centre y, half-size), in 64-pixel units, drawn in order; coverage by 4x4
+    subsamples; a colour is a palette name or an RGB triple."""
     sub = 4
     grid = (np.arange(side * sub) + 0.5) / sub * 64 / side
     x, y = np.meshgrid(grid, grid)
     image = np.broadcast_to(np.array(shapes.PALETTE[background], dtype=np.float64), (side, side, 3)).copy()
     for colour, shape, cx, cy, half in objects:
         cover = _inside(shape, (x - cx) / half, (y - cy) / half).reshape(side, sub, side, sub).mean((1, 3))
-        image = image * (1 - cover[..., None]) + np.array(shapes.PALETTE[colour]) * cover[..., None]
+        rgb = np.array(shapes.PALETTE[colour] if isinstance(colour, str) else colour, dtype=np.float64)
+        image = image * (1 - cover[..., None]) + rgb * cover[..., None]
     return Image.fromarray(np.round(image).astype(np.uint8))
 
 
@@ -108,6 +110,34 @@ def test_two_touching_objects_of_different_colours_are_two_objects():
     read = shapes.describe(image).scene
     assert [(o.colour, o.shape, o.position) for o in read.objects] == [("black", "circle", "left"),
                                                                         ("white", "square", "right")]
+
+
+def _mix(colour: str, background: str, share: float) -> tuple[float, ...]:
+    return tuple(share * c + (1 - share) * b for c, b in zip(shapes.PALETTE[colour], shapes.PALETTE[background]))
+
+
+@pytest.mark.parametrize("colour, shape, background", [("red", "square", "yellow"), ("purple", "circle", "yellow"),
+                                                        ("blue", "square", "red"), ("red", "triangle", "blue")])
+def test_a_band_of_the_objects_blend_with_the_background_is_its_edge(colour, shape, background):
+    # Generated images often ring an object with a band of its mixture with the background, 3-4 pixels wide (a red
+    # square on yellow with an orange rim): the band reads as another palette colour (orange, purple) but is the
+    # object's edge, not a second object.
+    for share, width in ((0.5, 3.5), (0.35, 4.0), (0.65, 3.0)):
+        image = _draw(background, [(_mix(colour, background, share), shape, 44, 30, 10 + width),
+                                   (colour, shape, 44, 30, 10), ("green" if colour != "green" else "blue", "circle",
+                                                                 14, 30, 8)], side=64)
+        read = shapes.describe(image).scene
+        assert [(o.colour, o.shape) for o in read.objects] == [("green" if colour != "green" else "blue", "circle"),
+                                                               (colour, shape)], (share, width, read)
+
+
+def test_an_object_of_the_edge_colour_is_still_an_object():
+    # Orange is a red object's edge colour on yellow; an orange square touching a red circle is an object of its own.
+    for side, half in (("left", 12), ("left", 8)):
+        image = _draw("yellow", [("orange", "square", 20, 32, half), ("red", "circle", 20 + half + 11, 32, 11)],
+                      side=64)
+        read = shapes.describe(image).scene
+        assert [(o.colour, o.shape) for o in read.objects] == [("orange", "square"), ("red", "circle")], (half, read)
 
 
 def test_noise_is_not_read_as_a_clean_image():

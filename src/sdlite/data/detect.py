@@ -6,7 +6,8 @@ Made to read generated images as well as drawn ones, so every step tolerates noi
 2. pixels clearly away from the background colour (40% of the way to the nearest other palette colour, after a 3x3
    median that keeps pixel noise and specks out) form the candidate mask, split into 4-connected components;
    components under ``MIN_AREA`` pixels are dropped as specks, and a component where objects of two colours touch
-   is split between them (``_split``);
+   is split between them (``_split``), except that a band of an object's mixture with the background within four
+   pixels of it (the orange rim a generated red square on yellow often has) is part of that object;
 3. an object's colour is the palette entry nearest to the mean of its most saturated pixels (those at least 75% as
    far from the background as the component's 90th percentile), so anti-aliased or blurred edges, which mix the two
    colours and may sit nearest a third palette entry (red on yellow blends to orange), do not vote;
@@ -39,6 +40,7 @@ _RGB = np.array(list(PALETTE.values()), dtype=np.float32)
 _NAMES = list(PALETTE)
 _SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 _MARGIN = 2  # pixels around a component where its anti-aliased edge may lie
+_RIM = 4  # pixels around an object within which a band of its blend with the background is its edge
 
 
 @dataclass(frozen=True)
@@ -118,15 +120,38 @@ def _nearest(colour: np.ndarray, exclude: int | None = None) -> int:
     return int(distance.argmin())
 
 
-def _split(component: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+def _edge_colour(colour: int, obj: int, bg: int) -> bool:
+    """Whether a soft edge of an ``obj``-coloured object on ``bg`` can read as palette colour ``colour``: some mixture
+    of the two, from 20% to 80% of the object's colour, is nearest ``colour`` (the background aside). Orange is a
+    red object's edge on yellow and a purple one's too; purple is a black object's edge on white."""
+    return any(_nearest(_RGB[bg] + a * (_RGB[obj] - _RGB[bg]), exclude=bg) == colour
+               for a in np.linspace(0.2, 0.8, 13))
+
+
+def _split(component: np.ndarray, labels: np.ndarray, bg: int) -> list[np.ndarray]:
     """One component per object: where objects of different colours touch (or blur into each other), each colour
     that keeps a core after a two-pixel erosion is an object (the thin seams of mixed colour along edges do not),
-    and the component's pixels go to the core they reach first growing outwards."""
+    and the component's pixels go to the core they reach first growing outwards.
+
+    A colour that lies within ``_RIM`` pixels of larger objects whose soft edges read as that colour
+    (``_edge_colour``) is their edge, not an object: generated images often ring an object with a band a few pixels
+    wide of its mixture with the background (a red square on yellow with an orange rim, a yellow triangle on red
+    shading to orange at its base)."""
+    present = [int(label) for label in np.unique(labels[component])]
+    regions = {label: component & (labels == label) for label in present}
     cores = []
-    for label in np.unique(labels[component]):
-        core = ~_dilate(~(component & (labels == label)), 2)
-        if core.sum() >= MIN_AREA:
-            cores.append(core)
+    for label in present:
+        core = ~_dilate(~regions[label], 2)
+        if core.sum() < MIN_AREA:
+            continue
+        size = regions[label].sum()
+        parents = [other for other in present if other != label and regions[other].sum() > size and
+                   _edge_colour(label, other, bg)]
+        if parents:
+            near = _dilate(np.any([regions[other] for other in parents], axis=0), _RIM)
+            if (regions[label] & ~near).sum() <= 0.1 * size:
+                continue
+        cores.append(core)
     if len(cores) < 2:
         return [component]
     rest = component & ~np.any(cores, axis=0)
@@ -185,7 +210,7 @@ def describe(image: Image.Image) -> Description:
     distance[..., bg] = np.inf
     objects = distance.argmin(-1)  # each pixel's nearest colour other than the background's
     pieces = [piece for component in _components(candidates) if component.sum() >= MIN_AREA
-              for piece in _split(component, objects)]
+              for piece in _split(component, objects, bg)]
     taken = np.any(pieces, axis=0) if pieces else np.zeros_like(candidates)
     found = [each for piece in pieces if (each := _read_object(pixels, piece, taken & ~piece, bg, away)) is not None]
     found.sort(key=lambda f: f.box[0] + f.box[2])
