@@ -29,6 +29,7 @@ def test_pretrain_writes_a_loadable_model(tmp_path):
     tensors, meta = _tensors(out)
     assert all(t.dtype == torch.float16 for t in tensors.values() if t.is_floating_point())
     assert json.loads(meta["sdlite.recipe"])["unet_steps"] == 3
+    assert meta["sdlite.device"] == "cpu" and meta["sdlite.command"].endswith("--seed 0")  # no --device on the CPU
     assert meta["modelspec.resolution"] == f"{recipe.RESOLUTION}x{recipe.RESOLUTION}"
     assert (tmp_path / "shapes.csv").read_text().count("\n") == 1 + TINY.unet_steps  # header + one row per step
     assert (tmp_path / "shapes.png").stat().st_size > 0
@@ -57,3 +58,14 @@ def test_a_state_from_another_recipe_is_refused(tmp_path):
     other = pretrain.Recipe(**{**TINY.__dict__, "vae_lr": 5e-4})
     with pytest.raises(StateError, match="was saved for shape"):
         pretrain.pretrain(tmp_path / "m.safetensors", r=other, say=lambda s: None)
+
+
+def test_the_command_line_chooses_the_device(monkeypatch, tmp_path):
+    from sdlite.data import shapes
+
+    calls = []
+    monkeypatch.setattr(pretrain, "pretrain", lambda out, **kw: calls.append(kw) or out)
+    assert shapes.main(["train", "--out", str(tmp_path / "m.safetensors"), "--device", "cuda:1"]) == 0
+    assert shapes.main(["train", "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert calls[0]["device"] == "cuda:1"
+    assert calls[1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")

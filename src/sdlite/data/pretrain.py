@@ -186,11 +186,12 @@ def train_vae(vae, images: torch.Tensor, r: Recipe, folder: Path, clock: Clock, 
     generator = torch.Generator().manual_seed(r.seed + 1)
     step, log = _resume(folder, settings, params, optimizer, generator)
     total = r.vae_steps + r.vae_full_steps
+    device = next(vae.parameters()).device
     while step < total:
         _schedule_lr(optimizer, [r.vae_lr], step, total, 100)
         whole = step >= r.vae_steps
         batch = images[torch.randint(0, len(images), (r.vae_batch // 4 if whole else r.vae_batch,),
-                                     generator=generator)]
+                                     generator=generator)].to(device)
         x = _pixels(batch) if whole else _crops(_pixels(batch), r.vae_crop, generator)
         loss, l1 = vae_loss(vae, x, r.kl_weight, generator)
         loss.backward()
@@ -217,6 +218,7 @@ def train_decoder(vae, latents: tuple[torch.Tensor, torch.Tensor], images: torch
     mean, std = latents
     f = recipe.RESOLUTION // mean.shape[-1]
     total = r.decoder_steps + r.decoder_full_steps
+    device = next(vae.parameters()).device
     while step < total:
         _schedule_lr(optimizer, [r.decoder_lr], step, total, 100)
         whole = step >= r.decoder_steps
@@ -228,7 +230,8 @@ def train_decoder(vae, latents: tuple[torch.Tensor, torch.Tensor], images: torch
             offsets = torch.randint(0, mean.shape[-1] - side + 1, (len(idx), 2), generator=generator).tolist()
             z = torch.stack([zi[:, t:t + side, l:l + side] for zi, (t, l) in zip(z, offsets)])
             x = torch.stack([xi[:, f * t:f * (t + side), f * l:f * (l + side)] for xi, (t, l) in zip(x, offsets)])
-        rec = vae.decode(z)
+        rec = vae.decode(z.to(device))
+        x = x.to(device)
         l1 = (rec - x).abs().mean()
         (l1 + (rec - x).pow(2).mean()).backward()
         _optimizer_step(params, optimizer)
@@ -240,11 +243,13 @@ def train_decoder(vae, latents: tuple[torch.Tensor, torch.Tensor], images: torch
 
 @torch.no_grad()
 def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior means and standard deviations of uint8 ``images``, computed where the VAE is, kept on the CPU."""
+    device = next(vae.parameters()).device
     means, stds = [], []
     for i in range(0, len(images), batch):
-        posterior = vae.encode(_pixels(images[i:i + batch]))
-        means.append(posterior.mean)
-        stds.append(posterior.std)
+        posterior = vae.encode(_pixels(images[i:i + batch].to(device)))
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
@@ -269,13 +274,15 @@ def train_unet(pipe, latents: tuple[torch.Tensor, torch.Tensor], captions: list[
     while step < r.unet_steps:
         _schedule_lr(optimizer, [r.unet_lr, r.text_lr], step, r.unet_steps, r.warmup)
         idx = torch.randint(0, len(mean), (r.unet_batch,), generator=generator)
+        # Every random draw on the CPU generator, so a seed means the same batches on any device.
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=generator)) * scale
         drop = (torch.rand(r.unet_batch, generator=generator) < r.caption_dropout).tolist()
         context = encode_captions(pipe, ["" if d else captions[i] for d, i in zip(drop, idx.tolist())],
                                   grad=True).context
         noise = torch.randn(z.shape, generator=generator)
         t = torch.randint(0, 1000, (r.unet_batch,), generator=generator)
-        loss = denoising_loss(pipe, z, context, noise, t, min_snr_gamma=r.min_snr_gamma).mean()
+        loss = denoising_loss(pipe, z.to(pipe.device), context, noise.to(pipe.device), t.to(pipe.device),
+                              min_snr_gamma=r.min_snr_gamma).mean()
         loss.backward()
         _optimizer_step(params, optimizer, ema)
         step += 1
@@ -305,11 +312,12 @@ def _append_eval(path: Path, step: int, elapsed: float, s: dict[str, float]) -> 
 # --- the whole recipe -------------------------------------------------------------------------------------------------
 
 def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Recipe(), max_minutes: float = 90.0,
-             phase: str | None = None, say=print) -> Path | None:
+             phase: str | None = None, device: str | torch.device = "cpu", say=print) -> Path | None:
     """Run (or continue) the recipe; returns the model's path when it is complete, None when the run stopped at
     ``max_minutes`` with its state saved (run it again to continue). ``phase="decoder"`` runs only phase 4 (once
     the latents are cached), so that it can run beside phase 3 in a second process; the main run then finds it
-    done."""
+    done. ``device``: where the modules train ("cuda" on a GPU); the data, the cached latents and every random draw
+    of the recipe stay on the CPU, so the batches are the same on any device (the arithmetic is not)."""
     from ..pipeline import load  # the pipeline imports sdlite.data for the built-in model
 
     out = Path(out)
@@ -324,8 +332,9 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
     try:
         if not latents_file.exists():
             unet, vae, text = recipe.build(r.seed)
+            vae.to(device)
             vae_log = train_vae(vae, images, r, folder / "vae", clock, say)
-            k = recipe.fit_latent_scale(vae, _pixels(images[:1024]), seed=r.seed)
+            k = recipe.fit_latent_scale(vae, _pixels(images[:1024].to(device)), seed=r.seed)
             say(f"latent scale fitted (k = {k:.4f}); encoding {len(images)} images")
             mean, std = encode_latents(vae, images)
             recipe.save(init, unet, vae, text, dtype=torch.float32)
@@ -335,7 +344,7 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
             draw_loss_curve(folder / "vae_loss.png", vae_log)
         with open_tensor_file(latents_file) as tf:
             latents = (tf.read("mean"), tf.read("std"))
-        pipe = load(init)
+        pipe = load(init, device=device)
         if phase != "decoder":
             log = train_unet(pipe, latents, captions, r, folder / "unet", clock, say)
         decoder_log = train_decoder(pipe.vae, latents, images, r, folder / "decoder", clock, say)
@@ -350,8 +359,10 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
     write_csv(out.with_suffix(".csv"), log)
     draw_loss_curve(out.with_suffix(".png"), log)
     tail = np.mean([row.loss for row in log[-200:]])
+    where = "" if torch.device(device).type == "cpu" else f" --device {device}"
     meta = {"sdlite.recipe": json.dumps(asdict(r), sort_keys=True),
-            "sdlite.command": f"python -m sdlite.data.shapes train --out {out.name} --seed {r.seed}",
+            "sdlite.command": f"python -m sdlite.data.shapes train --out {out.name} --seed {r.seed}{where}",
+            "sdlite.device": str(device),
             "sdlite.final_loss": f"{tail:.5f}",
             "sdlite.train_hours": f"{sum(_phase_seconds(folder)) / 3600:.2f}"}
     recipe.save(out, pipe.unet, pipe.vae, pipe.text_encoders[0], metadata=meta)

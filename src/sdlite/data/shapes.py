@@ -223,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-minutes", type=float, default=90.0, help="stop (state saved) after this long")
     t.add_argument("--phase", choices=["decoder"], help="run only the decoder phase (beside the main run)")
+    t.add_argument("--device", help="where to train (default: cuda when a GPU is available, else cpu)")
     from . import adapt, quality  # the model-facing commands; imported here, as they build on this module
 
     quality.add_commands(sub)
@@ -231,8 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             from .pretrain import Recipe, pretrain
+            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             done = pretrain(args.out, state=args.state, r=Recipe(seed=args.seed), max_minutes=args.max_minutes,
-                            phase=args.phase)
+                            phase=args.phase, device=device)
             return 0 if done or args.phase else 3
         if args.command in ("evaluate", "grid", "roundtrip"):
             return quality.run_command(args)

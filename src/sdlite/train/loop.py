@@ -329,7 +329,7 @@ def restore_state(folder: Path, settings: dict, params: dict[str, nn.Parameter],
         for name, p in params.items():
             p.copy_(state["tensors"][name])
     if ema is not None:
-        ema.shadow = {n: state["tensors"][f"ema.{n}"].float() for n in params}
+        ema.shadow = {n: state["tensors"][f"ema.{n}"].float().to(p.device) for n, p in params.items()}
         ema.updates = state["step"]
     optimizer.load_state_dict(state["optimizer"])
     restore_rng(state["rng"], generator)
