@@ -6,7 +6,8 @@
 # Stages run in order of importance, each under its own time limit, and each writes its JSON and log into OUTDIR as it
 # ends, so a lease cut short keeps what finished: SD1.5 and SDXL UNet steps in fp16, eager and compiled (sdlite and
 # diffusers); the CUDA checks (benchmarks/cuda_checks.py); a bf16 LoRA training step against diffusers + peft; SD1.5
-# txt2img, VAE and text encoding in fp16; bf16 UNet steps; CUDA graphs (reduce-overhead) on the SD1.5 UNet step.
+# txt2img, VAE and text encoding in fp16; bf16 UNet steps; CUDA graphs (reduce-overhead) on the SD1.5 UNet step;
+# then the built-in model's training recipe on the GPU.
 # A cold torch.compile of the SD1.5 UNet took 46-59 s per process on an H200 (2026-11-28), so the stages together
 # outlast one 10-minute call: name the stages to split them across calls. Run from the repository root with sdlite importable (installed, or PYTHONPATH=src) and diffusers, peft installed.
 set -u
@@ -41,4 +42,10 @@ stage unet_bf16 150 python3 -m benchmarks run --suite gpu --models sd15,sdxl --m
     --paths eager --out "$out/unet_bf16.json"
 stage sd15_unet_graphs 200 $run --models sd15 --paths compiled --compile-mode reduce-overhead \
     --out "$out/sd15_unet_graphs.json"
+# Left-over time: the built-in model's recipe on the GPU (resumable: OUTDIR/shapes.safetensors.state continues it),
+# then its quality on the held-out prompts.
+stage shapes_train 560 python3 -m sdlite.data.shapes train --out "$out/shapes.safetensors" --device cuda \
+    --max-minutes 9
+[ -f "$out/shapes.safetensors" ] && stage shapes_eval 60 python3 -m sdlite.data.shapes evaluate \
+    "$out/shapes.safetensors" --seeds 4 --device cuda
 echo "=== done $(date +%T)"
