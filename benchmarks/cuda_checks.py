@@ -7,7 +7,7 @@ Checks (nothing is downloaded: the built-in model and random full-size weights):
 - ``nv_noise``: the "NV" noise source (Philox4x32-10 and cuRAND's Box-Muller, computed on the CPU) against
   ``torch.randn`` on the GPU after ``torch.manual_seed``, and the "GPU" source, bit for bit, two calls per seed.
 - ``compile``: the SD1.5 UNet (random weights, fp16, batch 2 at 512x512) eager vs ``torch.compile`` as
-  ``pipe.compile()`` does it; relative L2 error of the output.
+  ``pipe.compile()`` does it; relative L2 error of the output, and each one's error against the float32 UNet.
 - ``samplers``: every sampler of the A1111 list on the built-in model (fp16, 20 steps, CFG 5), eager and then with the
   UNet compiled in ``mode="reduce-overhead"`` (CUDA graphs): final latents compared, both images read by the detector.
 - ``offload``: SD1.5 (random weights, fp16) txt2img resident vs ``offload=True``: latents and pixels bit-identical,
@@ -77,8 +77,12 @@ def check_compile(device: str, tmp: str) -> dict:
     from benchmarks.measure import compile_options
 
     spec, dtype = MODELS["sd15"], torch.float16
-    unet = load_sdlite("unet", spec, _sd15_file(tmp, ("unet",)), device, dtype)
+    path = _sd15_file(tmp, ("unet",))
     i = unet_inputs(spec, device, dtype)
+    with torch.inference_mode():  # the float32 UNet: how far each fp16 path is from exact arithmetic
+        exact = load_sdlite("unet", spec, path, device, torch.float32)(
+            i["x"].float(), i["t"], i["context"].float()).clone()
+    unet = load_sdlite("unet", spec, path, device, dtype)
     with torch.inference_mode():
         eager = unet(i["x"], i["t"], i["context"]).clone()
         unet.compile(**compile_options(None))
@@ -89,6 +93,7 @@ def check_compile(device: str, tmp: str) -> dict:
         again = unet(i["x"], i["t"], i["context"]).clone()
     err = rel_err(compiled, eager)
     return {"ok": err < 1e-3 and torch.equal(compiled, again), "rel_err": err,
+            "eager_vs_fp32": rel_err(eager, exact), "compiled_vs_fp32": rel_err(compiled, exact),
             "max_abs": float((compiled.float() - eager.float()).abs().max()), "first_call_s": first,
             "deterministic": bool(torch.equal(compiled, again))}
 

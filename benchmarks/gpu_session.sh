@@ -34,7 +34,7 @@ run="python3 -m benchmarks run --suite gpu --measure unet --dtype fp16 --paths e
 stage sd15_unet_fp16 300 $run --models sd15 --out "$out/sd15_unet_fp16.json"
 stage sdxl_unet_fp16 450 $run --models sdxl --out "$out/sdxl_unet_fp16.json"
 stage cuda_checks 160 python3 -m benchmarks.cuda_checks --out "$out/cuda_checks.json"
-stage train_bf16 100 python3 -m benchmarks.train_step --device cuda --dtype bf16 --warmup 3 --reps 10 \
+stage train_bf16 120 python3 -m benchmarks.train_step --device cuda --dtype bf16 --warmup 3 --reps 10 --profile "$out" \
     --json "$out/train_bf16.json"
 stage sd15_other_fp16 120 python3 -m benchmarks run --suite gpu --models sd15 --measure txt2img,vae,text \
     --dtype fp16 --paths eager --txt2img-reps 5 --out "$out/sd15_other_fp16.json"

@@ -4,6 +4,7 @@
     python -m benchmarks.train_step --reps 5 --json train_step.json
     python -m benchmarks.train_step --checkpointing     # both sides with gradient checkpointing (less memory)
     python -m benchmarks.train_step --alternate --reps 6  # time only: both in one process, steps alternating
+    python -m benchmarks.train_step --device cuda --dtype bf16 --profile prof/   # and a torch.profiler table each
 
 A step is what LoRA training repeats: noise the latents to a timestep of the scaled-linear schedule, run the UNet
 with a text context, take the MSE to the noise, backpropagate into the LoRA weights and make an AdamW step. Both
@@ -22,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import time
 import zlib
@@ -126,7 +128,7 @@ def diffusers_trainer(spec: ModelSpec, path: str, device, dtype, batch: int, che
 
 
 def worker(impl: str, spec: ModelSpec, path: str, device: str, dtype_name: str, batch: int, warmup: int,
-           reps: int, checkpointing: bool = False) -> dict:
+           reps: int, checkpointing: bool = False, profile: str | None = None) -> dict:
     make = sdlite_trainer if impl == "sdlite" else diffusers_trainer
     step, layers = make(spec, path, device, DTYPES[dtype_name], batch, checkpointing)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -139,8 +141,30 @@ def worker(impl: str, spec: ModelSpec, path: str, device: str, dtype_name: str, 
         times.append(time.perf_counter() - start)
     timed = times[warmup:]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss()
+    if profile:
+        write_profile(step, device, f"{profile}/{impl}.txt")
     return {"impl": impl, "median_s": statistics.median(timed), "min_s": min(timed), "max_s": max(timed),
             "reps": reps, "first_step_s": times[0], "peak_bytes": peak, "losses": losses, "lora_layers": len(layers)}
+
+
+def write_profile(step, device: str, path: str, steps: int = 3) -> None:
+    """``steps`` more steps under ``torch.profiler`` (CPU, and CUDA kernels on a GPU); the operators by their own
+    time on the device (or the CPU), as a table in ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sdlite.checkpoint.write import atomic_path
+
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=40)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(f"{steps} steps\n{table}\n")
 
 
 def alternating(spec: ModelSpec, path: str, device: str, dtype_name: str, batch: int, warmup: int, reps: int,
@@ -176,13 +200,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="time both in one process, steps alternating (time only; the default fresh processes "
                              "measure each one's peak memory)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="then profile 3 more steps of each and write DIR/sdlite.txt, DIR/diffusers.txt")
     parser.add_argument("--worker", choices=["sdlite", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     spec = dataclasses.replace(MODELS["sd15"], size=args.size)
     if args.worker:
         print(json.dumps(worker(args.worker, spec, args.weights, args.device, args.dtype, args.batch, args.warmup,
-                                args.reps, args.checkpointing)))
+                                args.reps, args.checkpointing, args.profile)))
         return
     if args.alternate:
         with sd15_unet_file() as weights:
@@ -199,6 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     flags = ["--device", args.device, "--dtype", args.dtype, "--batch", str(args.batch), "--size", str(args.size),
              "--warmup", str(args.warmup), "--reps", str(args.reps)]
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+        flags += ["--profile", os.path.abspath(args.profile)]
     results = sd15_unet_in_fresh_processes("benchmarks.train_step",
                                            flags + (["--checkpointing"] if args.checkpointing else []))
     machine = machine_name(args.device)
