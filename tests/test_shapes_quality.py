@@ -208,6 +208,11 @@ def test_roundtrip_measures_what_comes_back():
     assert lost["outline", "small"] == 0.0 and lost["star", "small"] == 0.0  # detail a blur takes away is missed
     table = quality.roundtrip_table(perfect, 6)
     assert "| star | 100% | 100% |" in table
+    sizes = []
+    drawn = Identity()
+    drawn.encode = lambda x: sizes.append(x.shape[-1]) or SimpleNamespace(mean=x)
+    assert all(v == 1.0 for v in quality.roundtrip(drawn, images=2, side=128).values())  # read at any size
+    assert set(sizes) == {128}
 
 
 def test_the_models_vae_carries_large_pre_training_shapes(model):

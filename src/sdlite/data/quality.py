@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from .detect import Description, describe
-from .scene import COLOURS, POSITIONS, SHAPES, SIZES, Obj, Scene, render
+from .scene import COLOURS, POSITIONS, SHAPES, SIDE, SIZES, Obj, Scene, render
 from .shapes import HELD_OUT, caption
 
 TARGETS = {"background": 0.95, "one_object": 0.90, "two_objects": 0.70}  # the issue's
@@ -239,12 +239,13 @@ ROUNDTRIP_KINDS = (("filled", SHAPES, False), ("outline", SHAPES, True), ("heart
 
 
 @torch.no_grad()
-def roundtrip(vae, images: int = 24, seed: int = 0, refine: int = 0) -> dict[tuple[str, str], float]:
+def roundtrip(vae, images: int = 24, seed: int = 0, refine: int = 0, side: int = SIDE) -> dict[tuple[str, str], float]:
     """The share of one-object images that come back through ``vae`` (encoded to the posterior mean, decoded; no
     UNet) with the detector reading the object drawn: one object, its colour, shape and fill. Per (kind, size), for
     the kinds of ``ROUNDTRIP_KINDS``, ``images`` each (colours, positions and jitter drawn from ``seed``).
     ``refine``: that many steps of decoder inversion (``sdlite.vae.refine_latents``) between encoding and decoding,
-    which measures what the decoder can draw rather than what the encoder finds.
+    which measures what the decoder can draw rather than what the encoder finds. ``side``: the images' size in
+    pixels (the same scenes drawn larger, e.g. 128 for a VAE trained at that resolution; the detector reads any size).
 
     A model can draw nothing its autoencoder cannot carry, so this is the gate for what fine-tuning can teach it:
     the adaptation examples' stars, hearts and outlines (``sdlite.data.adapt``)."""
@@ -260,7 +261,7 @@ def roundtrip(vae, images: int = 24, seed: int = 0, refine: int = 0) -> dict[tup
                 colour, background = (COLOURS[int(j)] for j in rng.choice(len(COLOURS), 2, replace=False))
                 obj = Obj(colour, shapes[i % len(shapes)], size, list(POSITIONS)[i % len(POSITIONS)], outline)
                 objects.append(obj)
-                pictures.append(to_tensor(render(Scene(background, (obj,)), rng)))
+                pictures.append(to_tensor(render(Scene(background, (obj,)), rng, side=side)))
             x = torch.stack(pictures).to(next(vae.parameters()).device) * 2 - 1
             z = vae.encode(x).mean
             back = to_pil(vae.decode(refine_latents(vae, x, z, refine) if refine else z))
