@@ -32,7 +32,7 @@ import warnings
 import numpy as np
 import torch
 
-from benchmarks.measure import unet_inputs, write_json
+from benchmarks.measure import _sync, unet_inputs, write_json
 from benchmarks.models import MODELS, write_checkpoint
 
 CHECKS = ("nv_noise", "compile", "samplers", "offload", "vae_upcast")
@@ -88,7 +88,7 @@ def check_compile(device: str, tmp: str) -> dict:
         unet.compile(**compile_options(None))
         start = time.perf_counter()
         compiled = unet(i["x"], i["t"], i["context"]).clone()
-        _sync()
+        _sync(device)()
         first = time.perf_counter() - start
         again = unet(i["x"], i["t"], i["context"]).clone()
     err = rel_err(compiled, eager)
@@ -98,16 +98,12 @@ def check_compile(device: str, tmp: str) -> dict:
             "deterministic": bool(torch.equal(compiled, again))}
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _generate(pipe, sampler: str, seed: int = 3):
-    _sync()
+    sync = _sync(str(pipe.device))
+    sync()
     start = time.perf_counter()
     result = pipe.txt2img(PROMPT, steps=20, cfg_scale=5, sampler=sampler, seed=seed)
-    _sync()
+    sync()
     return result, time.perf_counter() - start
 
 
@@ -173,7 +169,7 @@ def check_offload(device: str, tmp: str) -> dict:
         torch.cuda.empty_cache()
     a, b = out["resident"]["result"], out["offload"]["result"]
     same_latents = bool(torch.equal(a.latents.cpu(), b.latents.cpu()))
-    same_pixels = list(a.images[0].getdata()) == list(b.images[0].getdata())
+    same_pixels = _pixel_diff(a.images[0], b.images[0]) == 0
     return {"ok": same_latents and same_pixels, "same_latents": same_latents, "same_pixels": same_pixels,
             "peak_resident_bytes": out["resident"]["peak"], "peak_offload_bytes": out["offload"]["peak"],
             "allocated_after_offload_bytes": out["offload"]["after"], "component_bytes": out["resident"]["sizes"]}
