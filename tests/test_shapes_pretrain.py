@@ -69,3 +69,12 @@ def test_the_command_line_chooses_the_device(monkeypatch, tmp_path):
     assert shapes.main(["train", "--out", str(tmp_path / "m.safetensors")]) == 0
     assert calls[0]["device"] == "cuda:1"
     assert calls[1]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_device_that_is_not_there_is_refused_before_any_work(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        pretrain.pretrain(tmp_path / "m.safetensors", r=TINY, device="cuda", say=lambda s: None)
+    with pytest.raises(RuntimeError, match="device"):
+        pretrain.pretrain(tmp_path / "m.safetensors", r=TINY, device="gpu0", say=lambda s: None)
+    assert not any(tmp_path.iterdir())  # nothing drawn, trained or written

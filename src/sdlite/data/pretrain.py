@@ -320,6 +320,9 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
     of the recipe stay on the CPU, so the batches are the same on any device (the arithmetic is not)."""
     from ..pipeline import load  # the pipeline imports sdlite.data for the built-in model
 
+    device = torch.device(device)  # an unknown device name fails here, before any work
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"pretrain: asked to train on {device}, but torch finds no CUDA GPU here; use device='cpu'")
     out = Path(out)
     folder = Path(state) if state is not None else out.with_name(out.name + ".state")
     folder.mkdir(parents=True, exist_ok=True)
@@ -359,7 +362,7 @@ def pretrain(out: str | Path, *, state: str | Path | None = None, r: Recipe = Re
     write_csv(out.with_suffix(".csv"), log)
     draw_loss_curve(out.with_suffix(".png"), log)
     tail = np.mean([row.loss for row in log[-200:]])
-    where = "" if torch.device(device).type == "cpu" else f" --device {device}"
+    where = "" if device.type == "cpu" else f" --device {device}"
     meta = {"sdlite.recipe": json.dumps(asdict(r), sort_keys=True),
             "sdlite.command": f"python -m sdlite.data.shapes train --out {out.name} --seed {r.seed}{where}",
             "sdlite.device": str(device),
